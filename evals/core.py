@@ -1,0 +1,174 @@
+"""Core evaluation in SAEBench's core schema, on held-out text.
+
+Written here rather than called from sae_bench 0.6.0 because its explained_variance is wrong
+(it uses E||x||^2 - (mean_d E[x_d^2])^2 as the variance; OFFLINE_FACTS.md) and its CE part runs three
+full forwards per batch with no way to share the model's early layers. Definitions (float64 sums):
+    explained_variance = 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2       (TRAINERS.md; as sae_lens 6)
+    mse                = mean over tokens and dims of (x - x_hat)^2           (SAEBench core's convention)
+    cossim             = mean_t cos(x_t, x_hat_t)
+    l2_ratio           = mean_t ||x_hat_t|| / ||x_t||;  relative_reconstruction_bias = E||x_hat||^2 / E<x, x_hat>
+    ce_loss_score      = (CE_zero - CE_sae) / (CE_zero - CE_clean)
+    kl_div_score       = (KL_zero - KL_sae) / KL_zero,   KL = KL(p_clean || p_patched) per position
+BOS/EOS/pad positions are never reconstructed (they keep the original activation) nor ablated, and
+positions whose input or target token is special are not scored.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from evals import EvalContext
+from workbench.activations import hook_activations, special_mask
+
+KEY = "core evaluation results"
+
+
+class _Sums:
+    def __init__(self, d_in: int, d_sae: int):
+        self.n = 0
+        self.sum_x_D = torch.zeros(d_in, dtype=torch.float64)
+        self.sum_x2 = self.sum_err2 = self.sum_cos = self.sum_norm_in = self.sum_norm_out = 0.0
+        self.sum_ratio = self.sum_xhat2 = self.sum_dot = self.sum_l0 = self.sum_l1 = 0.0
+        self.fires_F = torch.zeros(d_sae, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor) -> None:
+        x, x_hat, f = x.double().cpu(), x_hat.double().cpu(), f.double().cpu()
+        n_in, n_out = x.norm(dim=-1), x_hat.norm(dim=-1)
+        self.n += x.shape[0]
+        self.sum_x_D += x.sum(0)
+        self.sum_x2 += x.pow(2).sum().item()
+        self.sum_err2 += (x - x_hat).pow(2).sum().item()
+        self.sum_cos += ((x * x_hat).sum(-1) / (n_in * n_out).clamp_min(1e-12)).sum().item()
+        self.sum_norm_in += n_in.sum().item()
+        self.sum_norm_out += n_out.sum().item()
+        self.sum_ratio += (n_out / n_in.clamp_min(1e-4)).sum().item()
+        self.sum_xhat2 += n_out.pow(2).sum().item()
+        self.sum_dot += (x * x_hat).sum().item()
+        self.sum_l0 += (f != 0).sum().item()
+        self.sum_l1 += f.abs().sum().item()
+        self.fires_F += (f != 0).sum(0)
+
+
+def reconstruction_metrics(sums: _Sums, d_in: int) -> dict:
+    n = max(sums.n, 1)
+    total_var = sums.sum_x2 - sums.sum_x_D.pow(2).sum().item() / n  # sum ||x - mean||^2
+    density_F = sums.fires_F / n
+    return {
+        "reconstruction_quality": {
+            "explained_variance": 1 - sums.sum_err2 / total_var if total_var > 0 else None,
+            "mse": sums.sum_err2 / (n * d_in),
+            "cossim": sums.sum_cos / n},
+        "shrinkage": {
+            "l2_norm_in": sums.sum_norm_in / n, "l2_norm_out": sums.sum_norm_out / n,
+            "l2_ratio": sums.sum_ratio / n,
+            "relative_reconstruction_bias": sums.sum_xhat2 / sums.sum_dot if sums.sum_dot else None},
+        "sparsity": {"l0": sums.sum_l0 / n, "l1": sums.sum_l1 / n},
+        "misc": {"frac_alive": (density_F > 0).double().mean().item(),
+                 "freq_over_1_percent": (density_F > 0.01).double().mean().item(),
+                 "freq_over_10_percent": (density_F > 0.1).double().mean().item()},
+    }
+
+
+@torch.no_grad()
+def variance_sums(model, sae, contexts_NT, hook, layer, special_ids, n_tokens, batch, progress) -> _Sums:
+    sums = _Sums(sae.d_in, sae.d_sae)
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="core: reconstruction", disable=not progress)
+    for i in range(0, contexts_NT.shape[0], batch):
+        tokens = contexts_NT[i:i + batch]
+        acts = hook_activations(model, tokens, hook, layer)
+        x = acts[~special_mask(tokens, special_ids).to(acts.device)].float()
+        x = x[: n_tokens - sums.n]
+        f = sae.encode(x.to(sae.W_enc.device))
+        sums.add(x, sae.decode(f), f)
+        bar.update(x.shape[0])
+        if sums.n >= n_tokens:
+            break
+    bar.close()
+    return sums
+
+
+@torch.no_grad()
+def downstream_metrics(model, sae, contexts_NT, hook, special_ids, batch, progress) -> dict:
+    """CE loss and KL with the SAE spliced in, and with the activation zero-ablated."""
+    tot = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    n_pos = 0
+    for i in tqdm(range(0, contexts_NT.shape[0], batch), desc="core: CE/KL", disable=not progress):
+        tokens = contexts_NT[i:i + batch].to(model.cfg.device)
+        special_BT = special_mask(tokens, special_ids)
+        score_BT = ~special_BT[:, :-1] & ~special_BT[:, 1:]  # input and target both ordinary tokens
+        targets = tokens[:, 1:][score_BT]
+
+        def patch(replace):
+            def hook_fn(act, hook):  # noqa: ARG001
+                keep = ~special_BT
+                act = act.clone()
+                act[keep] = replace(act[keep])
+                return act
+            return [(hook, hook_fn)]
+
+        def logprobs(fwd_hooks):
+            logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)[:, :-1][score_BT]
+            return F.log_softmax(logits.float(), dim=-1)
+
+        lp_clean = logprobs([])
+        tot["ce_clean"] += -lp_clean.gather(-1, targets[:, None]).sum().item()
+        p_clean = lp_clean.exp()
+        for name, fn in (("sae", lambda a: sae(a.float().to(sae.W_enc.device)).to(a.dtype).to(a.device)),
+                         ("zero", torch.zeros_like)):
+            lp = logprobs(patch(fn))
+            tot[f"ce_{name}"] += -lp.gather(-1, targets[:, None]).sum().item()
+            tot[f"kl_{name}"] += (p_clean * (lp_clean - lp)).sum().item()
+            del lp
+        n_pos += targets.shape[0]
+    m = {k: v / max(n_pos, 1) for k, v in tot.items()}
+    ce_den, kl_den = m["ce_zero"] - m["ce_clean"], m["kl_zero"]
+    return {
+        "model_behavior_preservation": {
+            "kl_div_score": (m["kl_zero"] - m["kl_sae"]) / kl_den if kl_den > 0 else None,
+            "kl_div_with_ablation": m["kl_zero"], "kl_div_with_sae": m["kl_sae"]},
+        "model_performance_preservation": {
+            "ce_loss_score": (m["ce_zero"] - m["ce_sae"]) / ce_den if ce_den != 0 else None,
+            "ce_loss_with_ablation": m["ce_zero"], "ce_loss_with_sae": m["ce_sae"],
+            "ce_loss_without_sae": m["ce_clean"]},
+        "_n_positions": n_pos,
+    }
+
+
+def core_eval(model, sae, contexts_NT, hook, layer, special_ids, *, ce_contexts, ce_batch_size,
+              variance_tokens, llm_batch_size=8, progress=True) -> dict:
+    """All core metrics, grouped as SAEBench's core output groups them."""
+    sums = variance_sums(model, sae, contexts_NT, hook, layer, special_ids, variance_tokens, llm_batch_size, progress)
+    down = downstream_metrics(model, sae, contexts_NT[:ce_contexts], hook, special_ids, ce_batch_size, progress)
+    n_pos = down.pop("_n_positions")
+    metrics = {**down, **reconstruction_metrics(sums, sae.d_in),
+               "token_stats": {"total_tokens_eval_reconstruction": n_pos,
+                               "total_tokens_eval_sparsity_variance": sums.n}}
+    return metrics
+
+
+def run(ctx: EvalContext) -> dict:
+    cfg = ctx.run_cfg
+    start = time.time()
+    metrics = core_eval(ctx.model, ctx.sae, ctx.eval_contexts_NT, cfg.model.hook, cfg.model.layer, ctx.special_ids,
+                        ce_contexts=cfg.eval.ce_contexts, ce_batch_size=cfg.eval.ce_batch_size,
+                        variance_tokens=cfg.eval.variance_tokens, llm_batch_size=cfg.data.llm_batch_size,
+                        progress=ctx.progress)
+    sae_set = f"{cfg.model.name}_layer_{cfg.model.layer}_sae"
+    return {
+        "eval_type_id": "core",
+        "unique_id": f"{sae_set}_custom_sae", "sae_set": sae_set, "sae_id": "custom_sae",
+        "eval_cfg": {
+            "model_name": cfg.model.name, "llm_dtype": cfg.model.dtype, "batch_size_prompts": cfg.eval.ce_batch_size,
+            "n_eval_reconstruction_batches": -(-cfg.eval.ce_contexts // cfg.eval.ce_batch_size),
+            "dataset": cfg.data.dataset, "context_size": cfg.data.context_size,
+            "compute_kl": True, "compute_ce_loss": True, "compute_l2_norms": True,
+            "compute_sparsity_metrics": True, "compute_variance_metrics": True,
+            "exclude_special_tokens_from_reconstruction": True, "held_out": True,
+            "implementation": "sae_workbench evals/core.py (SAEBench core schema, corrected explained variance)"},
+        "metrics": metrics,
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_runtime_s": time.time() - start,
+    }

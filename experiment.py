@@ -1,0 +1,212 @@
+"""One run: LM -> activations at the hook -> train an SAE -> evaluate -> out_dir.
+
+    python experiment.py --out_dir=run_1 [--config run_configs/quickstart.toml] [--set trainer.k=64 ...]
+
+out_dir receives: config.toml (resolved), train_log.jsonl, sae/ (SAELens format, takes raw activations),
+final_info.json (written last and atomically: its presence means the run finished).
+Exit codes: 0 done; 2 bad input (config, out_dir), nothing written; 1 the run failed (reason on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from workbench.config import ConfigError, RunConfig, config_to_dict, load_config, to_toml
+
+FINAL_INFO = "final_info.json"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", required=True, help="run directory to create (e.g. run_1)")
+    p.add_argument("--config", default=None, help="TOML config (default run_configs/default.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set trainer.k=64 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in out_dir")
+    return p.parse_args(argv)
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to clobber a run; runs before any work so a bad call changes nothing."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out_dir '{out_dir}' exists and is not a directory; pick another name")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        what = "a finished run" if (out_dir / FINAL_INFO).exists() else "files (an unfinished run?)"
+        raise ConfigError(f"--out_dir '{out_dir}' already holds {what}; pick a new run directory or pass --overwrite")
+    parent = out_dir.resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out_dir parent '{parent}' does not exist; create it first")
+
+
+def train_texts(cfg: RunConfig, epochs: list[int]):
+    """Training documents, cycled (reshuffled each pass) if train_tokens outlasts the corpus."""
+    from workbench.text import DataError, documents
+
+    while True:
+        n = 0
+        for text in documents(cfg.data, held_out=False, seed=cfg.seed + epochs[0]):
+            n += 1
+            yield text
+        if n == 0:
+            raise DataError(f"dataset '{cfg.data.dataset}' gave no training documents")
+        epochs[0] += 1
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformer-lens", "transformers", "sae-lens", "sae-bench"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> dict:
+    from evals import EvalContext, run_evals
+    from trainers import make_trainer
+    from workbench.activations import ActivationScaler, harvest, mixing_buffer
+    from workbench.lm import load_lm, resolve_device, special_token_ids
+    from workbench.runio import JsonlLog, atomic_write_json, atomic_write_text, code_version
+    from workbench.text import context_windows, held_out_contexts
+    from workbench.training import train
+
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.model.device)
+    model = load_lm(cfg.model)
+    load_s = time.perf_counter() - t0
+    tokenizer, special = model.tokenizer, special_token_ids(model.tokenizer)
+    d_in, layer, hook = model.cfg.d_model, cfg.model.layer, cfg.model.hook
+
+    # ---- activations: estimate the scale on the first tokens, which then go on into training
+    epochs = [0]
+    contexts = context_windows(train_texts(cfg, epochs), tokenizer, cfg.data.context_size)
+    chunks = harvest(model, contexts, hook, layer, cfg.data.llm_batch_size, special, out_device=device)
+    first, n_first = [], 0
+    while n_first < cfg.data.norm_tokens:
+        first.append(next(chunks))
+        n_first += first[-1].shape[0]
+    first_ND = torch.cat(first)
+    scaler = ActivationScaler.estimate(first_ND)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = (scaler(b) for b in mixing_buffer(itertools.chain(first, chunks),
+                                                cfg.data.buffer_batches * cfg.sae.batch_size, cfg.sae.batch_size, gen))
+
+    # ---- out_dir: created only once the model and data are known to work
+    if overwrite and out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_dict = config_to_dict(cfg)
+    atomic_write_text(out_dir / "config.toml", to_toml(cfg_dict))
+
+    trainer = make_trainer(cfg.trainer, d_in=d_in, d_sae=cfg.sae.d_sae, total_steps=cfg.total_steps,
+                           total_tokens=cfg.total_steps * cfg.sae.batch_size, init_acts_BD=scaler(first_ND),
+                           seed=cfg.seed, device=device)
+    del first_ND
+    wandb_run = None
+    if cfg.log.wandb:
+        import wandb
+        wandb_run = wandb.init(project=cfg.log.wandb_project, name=out_dir.name, config=cfg_dict)
+    log = JsonlLog(out_dir / "train_log.jsonl")
+    try:
+        stats = train([trainer], batches, cfg.total_steps, cfg.sae.batch_size, [log], cfg.log.every_steps,
+                      progress=cfg.log.progress, wandb_run=wandb_run)
+    finally:
+        log.close()
+    train_s = time.perf_counter() - t0 - load_s
+
+    # ---- save the SAE on raw activations (normalization folded in)
+    sae = trainer.sae.folded(scaler.scale).eval()
+    metadata = {"model_name": cfg.model.name, "hook_name": hook, "hook_head_index": None, "prepend_bos": True,
+                "context_size": cfg.data.context_size, "dataset_path": cfg.data.dataset,
+                "trainer": cfg.trainer.name, "normalization_scale_folded": scaler.scale,
+                "exclude_special_tokens": True}
+    sae.save(out_dir / "sae", metadata)
+
+    # ---- evaluate on held-out text
+    n_eval_ctx = max(cfg.eval.ce_contexts, -(-cfg.eval.variance_tokens // (cfg.data.context_size - 1)))
+    eval_ctx = EvalContext(model=model, sae=sae, run_cfg=cfg, special_ids=special, progress=cfg.log.progress,
+                           eval_contexts_NT=held_out_contexts(cfg.data, tokenizer, n_eval_ctx, cfg.seed))
+    results, skipped = run_evals(cfg.eval.types, eval_ctx)
+    wall = time.perf_counter() - t0
+
+    tcfg = {k: v for k, v in cfg_dict["trainer"].items() if k != "name"}
+    final = {
+        f"training results for layer {layer}": {
+            "config": {"trainer_class": type(trainer).__name__, "dict_class": f"SAE[{trainer.architecture}]",
+                       **tcfg, "lr": trainer.lr, "steps": cfg.total_steps, "seed": cfg.seed,
+                       "activation_dim": d_in, "dict_size": cfg.sae.d_sae, "device": str(device), "layer": layer,
+                       "lm_name": cfg.model.name, "submodule_name": hook, "sae_batch_size": cfg.sae.batch_size},
+            "final_info": {"training_steps": stats["steps"], "final_loss": stats["final_loss"][0], "layer": layer,
+                           "dict_size": cfg.sae.d_sae, "learning_rate": trainer.lr,
+                           "sparsity_penalty": getattr(cfg.trainer, "l1_coeff", None), "k": getattr(cfg.trainer, "k", None)},
+            "provenance": {
+                "model": cfg.model.name, "hook": hook, "llm_dtype": cfg.model.dtype, "device": str(device),
+                "dataset": cfg.data.dataset, "embedded_sources": cfg.data.embedded_sources if cfg.data.dataset == "embedded" else None,
+                "context_size": cfg.data.context_size, "train_tokens": stats["tokens"], "data_epochs_completed": epochs[0],
+                "seed": cfg.seed, "code_version": code_version(), "normalization_scale": scaler.scale,
+                "wall_time_s": wall, "model_load_s": load_s, "train_wall_s": train_s,
+                "train_tokens_per_s": stats["tokens_per_s"], "eval_wall_s": wall - load_s - train_s,
+                "started_utc": started, "command": " ".join(["python", "experiment.py", *argv]),
+                "versions": versions()},
+        },
+        **results,
+        "skipped evaluations": skipped,
+        "run config": cfg_dict,
+    }
+    atomic_write_json(out_dir / FINAL_INFO, final)
+    return final
+
+
+def headline(final: dict) -> str:
+    tr = next(v for k, v in final.items() if k.startswith("training results"))
+    core = final.get("core evaluation results", {}).get("metrics", {})
+    rq, mp = core.get("reconstruction_quality", {}), core.get("model_performance_preservation", {})
+    parts = [f"trainer={tr['config']['trainer_class']}", f"tokens={tr['provenance']['train_tokens']}",
+             f"wall={tr['provenance']['wall_time_s']:.0f}s", f"train_tok/s={tr['provenance']['train_tokens_per_s']:.0f}"]
+    if core:
+        parts += [f"EV={rq.get('explained_variance'):.4f}", f"CE_score={mp.get('ce_loss_score'):.4f}",
+                  f"L0={core['sparsity']['l0']:.1f}", f"alive={core['misc']['frac_alive']:.3f}"]
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    try:
+        cfg = load_config(args.config, args.set)
+        check_out_dir(out_dir, args.overwrite)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from workbench.lm import ModelLoadError
+    from workbench.text import DataError
+    from workbench.training import TrainingDiverged
+    try:
+        final = run(cfg, out_dir, args.overwrite, argv)
+    except (ModelLoadError, DataError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot write the run ({e.strerror or e}: {e.filename or out_dir}); "
+              f"free disk space or pick a writable --out_dir", file=sys.stderr)
+        return 1
+    print(f"done: {out_dir} {headline(final)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Mixing buffer, special-token masking, context packing and the held-out split."""
+import torch
+
+from workbench.activations import harvest, mixing_buffer, special_mask
+from workbench.text import context_windows, documents, is_held_out, split_embedded
+from workbench.config import DataConfig
+
+
+def test_mixing_buffer_emits_every_token_once_and_mixes():
+    n, bs = 1000, 32
+    data = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3)
+    chunks = list(data.split(50))  # chunk = one "context's" tokens, in order
+    out = torch.cat(list(mixing_buffer(chunks, buffer_tokens=256, batch_size=bs, generator=torch.Generator().manual_seed(0))))
+    ids = out[:, 0].long()
+    assert out.shape[0] == n // bs * bs
+    assert len(set(ids.tolist())) == out.shape[0]  # no token twice
+    first = ids[:bs]
+    assert len(set((first // 50).tolist())) >= 4  # the first batch mixes several contexts
+
+
+def test_special_mask():
+    t = torch.tensor([[2, 5, 1, 7], [2, 0, 9, 9]])
+    assert special_mask(t, [0, 1, 2]).tolist() == [[True, False, True, False], [True, True, False, False]]
+
+
+class CharTok:
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
+def test_context_windows_pack_with_bos_and_eos():
+    wins = list(context_windows(["abcdef", "xyz"], CharTok(), context_size=4))
+    assert all(w[0].item() == 1 and w.shape == (4,) for w in wins)
+    flat = [x for w in wins for x in w[1:].tolist()]
+    assert flat == [ord(c) for c in "abcdef"] + [2] + [ord(c) for c in "xy"]  # last partial window dropped
+
+
+def test_harvest_drops_special_positions():
+    from tests.helpers import tiny_lm
+    model = tiny_lm()
+    ctx = [torch.tensor([1, 5, 6, 2, 7]), torch.tensor([1, 8, 9, 10, 11])]
+    acts = torch.cat(list(harvest(model, ctx, "blocks.0.hook_resid_post", 0, 2, [0, 1, 2])))
+    assert acts.shape == (7, 16)
+    _, cache = model.run_with_cache(torch.stack(ctx))
+    ref = cache["blocks.0.hook_resid_post"]
+    torch.testing.assert_close(acts[:3], ref[0, [1, 2, 4]])
+
+
+def test_held_out_split_is_stable_disjoint_and_sized():
+    ids = [f"wiki:{i}" for i in range(4000)]
+    held = [i for i in ids if is_held_out(i, 0.05)]
+    assert held == [i for i in ids if is_held_out(i, 0.05)]
+    assert 150 < len(held) < 250
+    cfg = DataConfig(dataset="embedded", embedded_sources=["tiny"], eval_fraction=0.1)
+    train, test = set(documents(cfg, False, seed=0)), set(documents(cfg, True, seed=0))
+    assert train and test and not train & test
+
+
+def test_split_embedded_formats():
+    assert split_embedded("wiki", '<doc id="1">A\nB</doc>\n<doc id="2"> C </doc>') == ["A\nB", "C"]
+    assert split_embedded("tiny", "one<|endoftext|>\ntwo\n<|endoftext|>") == ["one", "two"]
+    assert split_embedded("c4", "a\n\nb\n") == ["a", "b"]

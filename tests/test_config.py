@@ -1,0 +1,90 @@
+"""Bad configs fail before any work, with one line naming the key; good ones round-trip."""
+import tomllib
+
+import pytest
+
+import experiment
+from workbench.config import ConfigError, config_to_dict, load_config, to_toml
+
+QS = "run_configs/quickstart.toml"
+
+BAD = [
+    (["trainer.name=sparsemax"], "trainer.name"),
+    (["trainer.kk=3"], "trainer.kk"),
+    (["model.hidden=1"], "model.hidden"),
+    (["nonsense=1"], "nonsense"),
+    (["trainer.k=0"], "trainer.k"),
+    (["trainer.k=4096"], "trainer.k"),            # k > d_sae (2048)
+    (["trainer.k='many'"], "trainer.k"),
+    (["trainer.lr=-1e-3"], "trainer.lr"),
+    (["sae.d_sae=1.5"], "sae.d_sae"),
+    (["sae.batch_size=0"], "sae.batch_size"),
+    (["model.dtype='float8'"], "model.dtype"),
+    (["model.device='tpu'"], "model.device"),
+    (["model.hook='blocks.40.hook_resid_post'"], "model.hook"),  # the embedded model has 18 layers
+    (["model.hook='resid'"], "model.hook"),
+    (["data.context_size=1"], "data.context_size"),
+    (["data.eval_fraction=0.9"], "data.eval_fraction"),
+    (["data.train_tokens=10"], "data.train_tokens"),
+    (["data.embedded_sources=['wiki','books']"], "data.embedded_sources"),
+    (["eval.types=['core','absorbtion']"], "eval.types"),
+    (["trainer.name='relu'"], "trainer.k"),  # the quickstart's topk key k does not fit the relu trainer
+    (["log.every_steps=0"], "log.every_steps"),
+    (["trainer.decay_frac=2.0"], "trainer.decay_frac"),
+    (["seed='abc'"], "seed"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(QS, overrides)
+
+
+@pytest.mark.parametrize("overrides,key", BAD[:6], ids=[" ".join(o) for o, _ in BAD[:6]])
+def test_cli_bad_config_exits_2_and_writes_nothing(overrides, key, tmp_path, capsys):
+    out = tmp_path / "run_x"
+    argv = [f"--out_dir={out}", "--config", QS] + [a for o in overrides for a in ("--set", o)]
+    assert experiment.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0] and err[0].startswith("error:")
+    assert not out.exists()
+
+
+def test_relu_specific_value_checked():
+    with pytest.raises(ConfigError, match="'trainer.l1_coeff'"):
+        load_config("run_configs/quickstart_relu.toml", ["trainer.l1_coeff=-2"])
+
+
+def test_missing_config_file_and_finished_run(tmp_path, capsys):
+    assert experiment.main([f"--out_dir={tmp_path / 'r'}", "--config", "nope.toml"]) == 2
+    assert "nope.toml" in capsys.readouterr().err
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "final_info.json").write_text("{}")
+    assert experiment.main([f"--out_dir={done}", "--config", QS]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (done / "final_info.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("path", ["run_configs/default.toml", QS, "run_configs/quickstart_relu.toml"])
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = load_config(path)
+    text = to_toml(config_to_dict(cfg))
+    (tmp_path / "c.toml").write_text(text)
+    again = load_config(tmp_path / "c.toml")
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert tomllib.loads(text)["trainer"]["name"] == cfg.trainer.name
+
+
+def test_default_is_the_seeds_research_setup():
+    cfg = load_config(None)
+    assert (cfg.model.name, cfg.model.hook, cfg.sae.d_sae, cfg.data.context_size, cfg.sae.batch_size, cfg.seed,
+            cfg.trainer.name, cfg.model.dtype) == ("google/gemma-2-2b", "blocks.12.hook_resid_post", 16384, 128,
+                                                   2048, 42, "topk", "bfloat16")
+
+
+def test_set_parses_types():
+    cfg = load_config(QS, ["trainer.k=16", "trainer.lr=3e-4", "data.embedded_sources=['wiki']", "model.dtype=float32"])
+    assert cfg.trainer.k == 16 and cfg.trainer.lr == 3e-4 and cfg.data.embedded_sources == ["wiki"]
+    assert cfg.model.dtype == "float32"

@@ -1,0 +1,86 @@
+"""The real pipeline on the embedded model (Gemma-3-270M from PyPI, real text), with a tiny budget."""
+import json
+
+import pytest
+import torch
+
+import experiment
+
+pytestmark = pytest.mark.slow
+
+TINY = ["data.train_tokens=16384", "data.norm_tokens=4000", "data.buffer_batches=4", "sae.d_sae=512",
+        "sae.batch_size=512", "eval.ce_contexts=4", "eval.variance_tokens=3000", "log.progress=false",
+        "log.every_steps=4"]
+
+
+def sets(items):
+    return [a for s in items for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run_topk"
+    rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart.toml", *sets(TINY + ["trainer.k=16"])])
+    assert rc == 0
+    return out
+
+
+def test_run_directory_contents(topk_run):
+    assert {p.name for p in topk_run.iterdir()} >= {"config.toml", "train_log.jsonl", "sae", "final_info.json"}
+    info = json.loads((topk_run / "final_info.json").read_text())
+    tr = info["training results for layer 6"]
+    assert set(tr) >= {"config", "final_info", "provenance"}
+    assert set(tr["final_info"]) >= {"training_steps", "final_loss", "layer", "dict_size", "learning_rate"}
+    assert set(tr["config"]) >= {"trainer_class", "dict_class", "lr", "steps", "seed", "activation_dim", "dict_size",
+                                 "k", "device", "layer", "lm_name", "submodule_name"}
+    assert tr["final_info"]["training_steps"] == 32 and tr["config"]["activation_dim"] == 640
+    prov = tr["provenance"]
+    assert prov["model"] == "gemma-3-270m" and prov["hook"] == "blocks.6.hook_resid_post"
+    assert prov["train_tokens"] == 16384 and prov["normalization_scale"] > 0 and prov["code_version"]
+    core = info["core evaluation results"]["metrics"]
+    for group in ("model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",
+                  "shrinkage", "sparsity", "token_stats", "misc"):
+        assert group in core
+    assert core["sparsity"]["l0"] == pytest.approx(16, abs=0.5)
+    # even 32 steps must learn something real: better than the mean, and the model mostly preserved
+    assert 0.3 < core["reconstruction_quality"]["explained_variance"] < 1
+    assert 0.2 < core["model_performance_preservation"]["ce_loss_score"] <= 1
+    log = [json.loads(line) for line in (topk_run / "train_log.jsonl").read_text().splitlines()]
+    assert {"step", "tokens", "loss", "loss_recon", "loss_auxk", "l0", "fvu", "dead_frac", "lr"} <= set(log[0])
+    assert log[-1]["step"] == 31 and log[-1]["fvu"] < log[0]["fvu"]
+
+
+def test_saved_sae_reproduces_core_ev_with_sae_lens(topk_run):
+    """The saved SAE, loaded by sae_lens, takes raw activations: its EV on held-out activations
+    matches the stored core number."""
+    from sae_lens import SAE as LensSAE
+
+    from workbench.activations import hook_activations, special_mask
+    from workbench.config import load_config
+    from workbench.lm import load_lm, special_token_ids
+    from workbench.text import held_out_contexts
+
+    cfg = load_config(topk_run / "config.toml")
+    model = load_lm(cfg.model)
+    toks = held_out_contexts(cfg.data, model.tokenizer, 24, cfg.seed)
+    acts = hook_activations(model, toks, cfg.model.hook, cfg.model.layer)
+    x = acts[~special_mask(toks, special_token_ids(model.tokenizer))].float()[:3000].double()
+    lens = LensSAE.load_from_disk(topk_run / "sae")
+    with torch.no_grad():
+        xh = lens.decode(lens.encode(x.float())).double()
+    ev = 1 - (x - xh).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    info = json.loads((topk_run / "final_info.json").read_text())
+    stored = info["core evaluation results"]["metrics"]["reconstruction_quality"]["explained_variance"]
+    assert ev.item() == pytest.approx(stored, abs=1e-3)
+
+
+def test_relu_run_and_refusal_to_overwrite(topk_run, tmp_path, capsys):
+    out = tmp_path / "run_relu"
+    rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart_relu.toml", *sets(TINY)])
+    assert rc == 0
+    info = json.loads((out / "final_info.json").read_text())
+    assert info["training results for layer 6"]["config"]["trainer_class"] == "ReLUTrainer"
+    assert info["core evaluation results"]["metrics"]["sparsity"]["l0"] > 0
+    before = (topk_run / "final_info.json").read_text()
+    assert experiment.main([f"--out_dir={topk_run}", "--config", "run_configs/quickstart.toml"]) == 2
+    assert (topk_run / "final_info.json").read_text() == before

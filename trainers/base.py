@@ -1,0 +1,142 @@
+"""What every trainer shares: config fields, init, the optimizer step with the decoder constraint,
+the lr schedule, dead-latent counting, and state for checkpoints. A trainer adds only its loss."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from workbench.config import ConfigError, param
+from workbench.sae import SAE, default_lr, normalize_rows_, remove_parallel_grad_
+
+TRAINERS: dict[str, type["Trainer"]] = {}
+
+
+def register(cls: type["Trainer"]) -> type["Trainer"]:
+    TRAINERS[cls.name] = cls
+    cls.Config.name = cls.name
+    return cls
+
+
+@dataclass
+class TrainerConfig:
+    lr: float = param(0.0, "Adam learning rate; 0 = 2e-4 / sqrt(d_sae / 2^14) (Gao et al.)")
+    warmup_steps: int = param(1000, "linear lr warmup steps, capped at warmup_max_frac of all steps")
+    warmup_max_frac: float = param(0.05, "cap on warmup as a fraction of all steps")
+    decay_frac: float = param(0.2, "lr decays linearly to 0 over this last fraction of steps")
+    grad_clip: float = param(1.0, "gradient-norm clip (0 = off)")
+    adam_beta1: float = param(0.9, "Adam beta1")
+    adam_beta2: float = param(0.999, "Adam beta2")
+    dead_after_tokens: int = param(0, "a latent is dead after this many tokens without firing; 0 = min(10M, train_tokens/10)")
+    name: ClassVar[str] = ""
+
+    def validate(self, run) -> None:
+        def check(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"config key 'trainer.{key}' {msg}")
+        check(self.lr >= 0, "lr", f"must be >= 0 (0 = default), got {self.lr}")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(0 <= self.warmup_max_frac <= 1, "warmup_max_frac", "must be in [0, 1]")
+        check(0 <= self.decay_frac <= 1, "decay_frac", "must be in [0, 1]")
+        check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1", "Adam betas must be in [0, 1)")
+        check(self.dead_after_tokens >= 0, "dead_after_tokens", "must be >= 0")
+
+
+@dataclass
+class StepOutput:
+    """What one training step produced: the loss, its named parts, and the batch it saw."""
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    acts_BD: torch.Tensor
+    recon_BD: torch.Tensor
+    latents_BF: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)  # trainer-specific statistics for the log
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, decay_frac: float) -> float:
+    """Linear warmup over `warmup` steps, flat, then linear decay to 0 over the last decay_frac."""
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = total_steps * (1 - decay_frac)
+    if decay_frac > 0 and step >= decay_start:
+        return max(0.0, (total_steps - step) / (total_steps - decay_start))
+    return 1.0
+
+
+class Trainer:
+    name: ClassVar[str]
+    Config: ClassVar[type[TrainerConfig]]
+    architecture: ClassVar[str]  # SAELens architecture of the SAE this trainer produces
+
+    def __init__(self, cfg: TrainerConfig, d_in: int, d_sae: int, total_steps: int, total_tokens: int,
+                 init_acts_BD: torch.Tensor, seed: int, device: str | torch.device = "cpu"):
+        self.cfg, self.total_steps = cfg, total_steps
+        gen = torch.Generator().manual_seed(seed)
+        self.sae = SAE(d_in, d_sae, self.architecture, getattr(cfg, "k", None)).init_tied_(
+            gen, b_dec=init_acts_BD.float().mean(0).cpu()).to(device)
+        self.lr = cfg.lr or default_lr(d_sae)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        warmup = min(cfg.warmup_steps, int(cfg.warmup_max_frac * total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.decay_frac))
+        self.dead_after_tokens = cfg.dead_after_tokens or min(10_000_000, total_tokens // 10)
+        self.tokens_since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.step_count = 0
+
+    # ------------------------------------------------------------ what a trainer defines
+    def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ shared step
+    @property
+    def dead_mask_F(self) -> torch.Tensor:
+        return self.tokens_since_fired_F >= self.dead_after_tokens
+
+    def step(self, acts_BD: torch.Tensor) -> StepOutput:
+        out = self.loss(acts_BD, self.step_count / max(1, self.total_steps))
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        remove_parallel_grad_(self.sae.W_dec)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        normalize_rows_(self.sae.W_dec)
+        with torch.no_grad():
+            fired_F = (out.latents_BF > 0).any(dim=0)
+            self.tokens_since_fired_F += acts_BD.shape[0]
+            self.tokens_since_fired_F[fired_F] = 0
+        self.step_count += 1
+        return out
+
+    def forward_parts(self, acts_BD: torch.Tensor):
+        """pre-activations, latents and reconstruction of the current SAE."""
+        pre_BF = self.sae.pre_acts(acts_BD)
+        latents_BF = self.sae.activate(pre_BF)
+        return pre_BF, latents_BF, self.sae.decode(latents_BF)
+
+    # ------------------------------------------------------------ checkpoint state
+    def extra_state(self) -> dict:
+        """Trainer state beyond SAE/optimizer/scheduler (subclasses extend)."""
+        return {"tokens_since_fired_F": self.tokens_since_fired_F, "step_count": self.step_count}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.tokens_since_fired_F.copy_(state["tokens_since_fired_F"])
+        self.step_count = int(state["step_count"])
+
+    def state_dict(self) -> dict:
+        return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.load_extra_state(state["extra"])
+
+
+def reconstruction_loss(acts_BD: torch.Tensor, recon_BD: torch.Tensor) -> torch.Tensor:
+    """L_recon = (1/B) sum_b ||x_b - x_hat_b||^2."""
+    return (acts_BD - recon_BD).pow(2).sum(dim=-1).mean()

@@ -1,0 +1,65 @@
+"""TopK SAE (Gao et al. 2024), TRAINERS.md section 1.
+
+    f = TopK_k(ReLU(pre))
+    L = L_recon + alpha * L_aux
+    L_aux = ||e - e_hat||^2 / ||e - mean(e)||^2     (batch sums; e = x - x_hat, held fixed)
+    e_hat = TopK_{k_aux}(pre restricted to dead latents) @ W_dec   (no bias)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainers.base import StepOutput, Trainer, TrainerConfig, reconstruction_loss, register
+from workbench.config import ConfigError, param
+from workbench.sae import topk_relu
+
+
+@dataclass
+class TopKConfig(TrainerConfig):
+    k: int = param(320, "active latents per token (the seeds used 320 on gemma-2-2b)")
+    auxk_alpha: float = param(1 / 32, "weight alpha of the AuxK loss")
+    k_aux: int = param(0, "dead latents used by AuxK; 0 = d_model / 2")
+
+    def validate(self, run) -> None:
+        super().validate(run)
+        if not 0 < self.k <= run.sae.d_sae:
+            raise ConfigError(f"config key 'trainer.k' must be in 1..sae.d_sae ({run.sae.d_sae}), got {self.k}")
+        if self.auxk_alpha < 0 or self.k_aux < 0:
+            raise ConfigError("config key 'trainer.auxk_alpha' / 'trainer.k_aux' must be >= 0")
+
+
+def auxk_loss(residual_BD: torch.Tensor, pre_BF: torch.Tensor, dead_F: torch.Tensor, k_aux: int,
+              W_dec_FD: torch.Tensor) -> torch.Tensor:
+    """Normalized error of reconstructing the residual from the top-k_aux dead latents."""
+    n_dead = int(dead_F.sum())
+    if n_dead == 0:
+        return pre_BF.new_zeros(())
+    dead_pre_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
+    aux_BF = topk_relu(dead_pre_BF, min(k_aux, n_dead))
+    e_hat_BD = aux_BF @ W_dec_FD
+    denom = (residual_BD - residual_BD.mean(0)).pow(2).sum()
+    return (residual_BD - e_hat_BD).pow(2).sum() / denom.clamp_min(1e-12)
+
+
+def topk_loss_parts(trainer: Trainer, acts_BD: torch.Tensor):
+    """The TopK objective's pieces; shared by trainers whose base SAE is TopK."""
+    cfg = trainer.cfg
+    pre_BF, latents_BF, recon_BD = trainer.forward_parts(acts_BD)
+    l_recon = reconstruction_loss(acts_BD, recon_BD)
+    k_aux = cfg.k_aux or acts_BD.shape[1] // 2
+    l_aux = auxk_loss((acts_BD - recon_BD).detach(), pre_BF, trainer.dead_mask_F, k_aux, trainer.sae.W_dec)
+    parts = {"recon": l_recon, "auxk": l_aux}
+    return parts, l_recon + cfg.auxk_alpha * l_aux, latents_BF, recon_BD
+
+
+@register
+class TopKTrainer(Trainer):
+    name = "topk"
+    Config = TopKConfig
+    architecture = "topk"
+
+    def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
+        parts, loss, latents_BF, recon_BD = topk_loss_parts(self, acts_BD)
+        return StepOutput(loss, parts, acts_BD, recon_BD, latents_BF)

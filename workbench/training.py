@@ -1,0 +1,71 @@
+"""The training loop: one stream of normalized batches, one or more trainers stepping on each batch
+(dictionary_learning's pattern), a JSONL log per trainer, a progress bar with tokens/s and ETA."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from trainers.base import StepOutput, Trainer
+from workbench.runio import JsonlLog
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or weights became NaN / inf."""
+
+
+@torch.no_grad()
+def step_record(trainer: Trainer, out: StepOutput, step: int, tokens: int) -> dict:
+    """The numbers logged for one step (TRAINERS.md: loss parts, L0, FVU, dead fraction, lr)."""
+    x, x_hat = out.acts_BD, out.recon_BD
+    fvu = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    rec = {"step": step, "tokens": tokens, "loss": out.loss.item(),
+           **{f"loss_{k}": v.item() for k, v in out.parts.items()},
+           "l0": (out.latents_BF > 0).sum(-1).float().mean().item(), "fvu": fvu.item(),
+           "dead_frac": trainer.dead_mask_F.float().mean().item(),
+           "lr": trainer.optimizer.param_groups[0]["lr"]}
+    rec.update(out.stats)
+    return rec
+
+
+def check_finite(trainer: Trainer, out: StepOutput, step: int) -> None:
+    if not math.isfinite(out.loss.item()):
+        raise TrainingDiverged(f"trainer '{trainer.name}': loss is {out.loss.item()} at step {step}; "
+                               f"lower trainer.lr or check the activations (normalization scale)")
+    if not all(torch.isfinite(p).all() for p in trainer.sae.parameters()):
+        raise TrainingDiverged(f"trainer '{trainer.name}': SAE weights became non-finite at step {step}; lower trainer.lr")
+
+
+def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_steps: int, batch_size: int,
+          logs: Sequence[JsonlLog], every_steps: int, progress: bool = True, wandb_run=None) -> dict:
+    """Step every trainer on every batch. Returns throughput numbers for the run's provenance."""
+    bar = tqdm(total=total_steps * batch_size, unit="tok", unit_scale=True, desc="train", disable=not progress,
+               dynamic_ncols=True)
+    start, step = time.perf_counter(), 0
+    last_loss = [math.nan] * len(trainers)
+    for batch_BD in batches:
+        if step >= total_steps:
+            break
+        for i, (trainer, log) in enumerate(zip(trainers, logs)):
+            out = trainer.step(batch_BD)
+            if not math.isfinite(out.loss.item()):
+                check_finite(trainer, out, step)
+            last = step == total_steps - 1
+            if step % every_steps == 0 or last:
+                check_finite(trainer, out, step)
+                rec = step_record(trainer, out, step, (step + 1) * batch_size)
+                log.write(rec)
+                last_loss[i] = rec["loss"]
+                if wandb_run is not None:
+                    wandb_run.log({f"{trainer.name}_{i}/{k}": v for k, v in rec.items()}, step=step)
+        step += 1
+        bar.update(batch_size)
+        if step % every_steps == 0:
+            bar.set_postfix(loss=f"{last_loss[0]:.4g}")
+    bar.close()
+    wall = time.perf_counter() - start
+    return {"steps": step, "tokens": step * batch_size, "wall_s": wall,
+            "tokens_per_s": step * batch_size / wall if wall > 0 else None, "final_loss": last_loss}
