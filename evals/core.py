@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from evals import EvalContext
@@ -90,38 +89,55 @@ def variance_sums(model, sae, contexts_NT, hook, layer, special_ids, n_tokens, b
     return sums
 
 
+def _vocab_stats(logits_NV: torch.Tensor, targets_N: torch.Tensor, p_clean_NV: torch.Tensor | None):
+    """CE per position and, given p_clean, sum_v p_clean * logits and the log-partition, in few passes
+    over the (large) vocabulary axis."""
+    lg = logits_NV.float()
+    lse_N = torch.logsumexp(lg, dim=-1)
+    ce_N = lse_N - lg.gather(-1, targets_N[:, None])[:, 0]
+    dot_N = (p_clean_NV * lg).sum(-1) if p_clean_NV is not None else None
+    return lg, lse_N, ce_N, dot_N
+
+
 @torch.no_grad()
-def downstream_metrics(model, sae, contexts_NT, hook, special_ids, batch, progress) -> dict:
-    """CE loss and KL with the SAE spliced in, and with the activation zero-ablated."""
+def downstream_metrics(model, sae, contexts_NT, hook, layer, special_ids, batch, progress) -> dict:
+    """CE loss and KL(p_clean || p_patched) with the SAE spliced in, and with the activation zero-ablated.
+
+    KL = sum p_c (lp_c - lp_s) = [sum p_c logit_c - lse_c] - [sum p_c logit_s - lse_s].
+    For resid_post hooks the layers up to the hook run once and each variant resumes from there."""
     tot = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     n_pos = 0
+    resume = hook.endswith("hook_resid_post") and layer + 1 < model.cfg.n_layers
     for i in tqdm(range(0, contexts_NT.shape[0], batch), desc="core: CE/KL", disable=not progress):
         tokens = contexts_NT[i:i + batch].to(model.cfg.device)
         special_BT = special_mask(tokens, special_ids)
         score_BT = ~special_BT[:, :-1] & ~special_BT[:, 1:]  # input and target both ordinary tokens
         targets = tokens[:, 1:][score_BT]
+        keep = ~special_BT
 
-        def patch(replace):
-            def hook_fn(act, hook):  # noqa: ARG001
-                keep = ~special_BT
-                act = act.clone()
-                act[keep] = replace(act[keep])
-                return act
-            return [(hook, hook_fn)]
+        def patched(act, replace):
+            act = act.clone()
+            act[keep] = replace(act[keep])
+            return act
 
-        def logprobs(fwd_hooks):
-            logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)[:, :-1][score_BT]
-            return F.log_softmax(logits.float(), dim=-1)
+        if resume:
+            resid = hook_activations(model, tokens, hook, layer)
+            forward = lambda replace: model(resid if replace is None else patched(resid, replace),
+                                            start_at_layer=layer + 1)
+        else:
+            forward = lambda replace: model.run_with_hooks(
+                tokens, fwd_hooks=[] if replace is None else [(hook, lambda a, hook: patched(a, replace))])
 
-        lp_clean = logprobs([])
-        tot["ce_clean"] += -lp_clean.gather(-1, targets[:, None]).sum().item()
-        p_clean = lp_clean.exp()
+        lc, lse_c, ce_c, _ = _vocab_stats(forward(None)[:, :-1][score_BT], targets, None)
+        p_clean = (lc - lse_c[:, None]).exp_()
+        self_term_N = (p_clean * lc).sum(-1) - lse_c
+        del lc
+        tot["ce_clean"] += ce_c.sum().item()
         for name, fn in (("sae", lambda a: sae(a.float().to(sae.W_enc.device)).to(a.dtype).to(a.device)),
                          ("zero", torch.zeros_like)):
-            lp = logprobs(patch(fn))
-            tot[f"ce_{name}"] += -lp.gather(-1, targets[:, None]).sum().item()
-            tot[f"kl_{name}"] += (p_clean * (lp_clean - lp)).sum().item()
-            del lp
+            _, lse, ce, dot = _vocab_stats(forward(fn)[:, :-1][score_BT], targets, p_clean)
+            tot[f"ce_{name}"] += ce.sum().item()
+            tot[f"kl_{name}"] += (self_term_N - (dot - lse)).clamp_min(0).sum().item()
         n_pos += targets.shape[0]
     m = {k: v / max(n_pos, 1) for k, v in tot.items()}
     ce_den, kl_den = m["ce_zero"] - m["ce_clean"], m["kl_zero"]
@@ -141,7 +157,7 @@ def core_eval(model, sae, contexts_NT, hook, layer, special_ids, *, ce_contexts,
               variance_tokens, llm_batch_size=8, progress=True) -> dict:
     """All core metrics, grouped as SAEBench's core output groups them."""
     sums = variance_sums(model, sae, contexts_NT, hook, layer, special_ids, variance_tokens, llm_batch_size, progress)
-    down = downstream_metrics(model, sae, contexts_NT[:ce_contexts], hook, special_ids, ce_batch_size, progress)
+    down = downstream_metrics(model, sae, contexts_NT[:ce_contexts], hook, layer, special_ids, ce_batch_size, progress)
     n_pos = down.pop("_n_positions")
     metrics = {**down, **reconstruction_metrics(sums, sae.d_in),
                "token_stats": {"total_tokens_eval_reconstruction": n_pos,

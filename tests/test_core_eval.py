@@ -27,8 +27,8 @@ def identity_sae(d):
     return sae
 
 
-def run(model, sae, toks):
-    return core_eval(model, sae, toks, HOOK, LAYER, SPECIAL, ce_contexts=toks.shape[0], ce_batch_size=4,
+def run(model, sae, toks, hook=HOOK):
+    return core_eval(model, sae, toks, hook, LAYER, SPECIAL, ce_contexts=toks.shape[0], ce_batch_size=4,
                      variance_tokens=10_000, llm_batch_size=4, progress=False)
 
 
@@ -37,9 +37,10 @@ def acts_of(model, toks):
     return cache[HOOK][toks != 0].double()
 
 
-def test_identity_sae_scores_exactly_one():
+@pytest.mark.parametrize("hook", [HOOK, "blocks.0.hook_mlp_out"])  # resumed forward and hooked forward
+def test_identity_sae_scores_exactly_one(hook):
     model, toks = tiny_lm(), contexts()
-    m = run(model, identity_sae(16), toks)
+    m = run(model, identity_sae(16), toks, hook)
     assert m["reconstruction_quality"]["explained_variance"] == 1.0
     assert m["reconstruction_quality"]["mse"] == 0.0
     assert m["model_performance_preservation"]["ce_loss_score"] == 1.0
