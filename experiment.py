@@ -61,6 +61,50 @@ def train_texts(cfg: RunConfig, epochs: list[int]):
         epochs[0] += 1
 
 
+class ActivationStream:
+    """The run's activation chunks (float32, harvest order): read from the cache when a complete entry
+    exists for this key, else produced by the LM (and stored when caching is on)."""
+
+    def __init__(self, cfg: RunConfig, model, device):
+        from workbench.activations import harvest
+        from workbench.cache import ActivationCache, cache_key
+        from workbench.lm import cache_root, special_token_ids
+        from workbench.text import context_windows
+
+        d = cfg.data
+        # tokens a run can pull from the stream: training, plus what the mixing buffer holds, plus a margin
+        self.n_tokens = (cfg.total_steps + d.buffer_batches) * cfg.sae.batch_size + 2 * d.llm_batch_size * d.context_size
+        describe = {"model": cfg.model.name, "hook": cfg.model.hook, "llm_dtype": cfg.model.dtype,
+                    "device_type": device.type, "dataset": d.dataset, "split": d.split, "text_field": d.text_field,
+                    "embedded_sources": d.embedded_sources, "eval_fraction": d.eval_fraction,
+                    "context_size": d.context_size, "llm_batch_size": d.llm_batch_size, "seed": cfg.seed,
+                    "tokens": self.n_tokens}
+        self.key = cache_key(describe)
+        root = Path(cfg.cache.dir) if cfg.cache.dir else cache_root(cfg.model) / "activations"
+        self.cache = ActivationCache(root, int(cfg.cache.max_gb * 2**30))
+        self.writer = None
+        meta = self.cache.load_meta(self.key) if cfg.cache.enabled else None
+        if meta is not None:
+            self.source = f"cache:{self.key}"
+            self.chunks = self.cache.read(self.key, meta, device)
+            return
+        self.source = "lm"
+        self.epochs = [0]
+        special = special_token_ids(model.tokenizer)
+        contexts = context_windows(train_texts(cfg, self.epochs), model.tokenizer, d.context_size)
+        self._raw = harvest(model, contexts, cfg.model.hook, cfg.model.layer, d.llm_batch_size, special, out_device=device)
+        self.chunks = self._raw
+        bytes_needed = self.n_tokens * model.cfg.d_model * (2 if cfg.model.dtype != "float32" else 4)
+        if cfg.cache.enabled and bytes_needed <= self.cache.max_bytes:
+            store = torch.float32 if cfg.model.dtype == "float32" else getattr(torch, cfg.model.dtype)
+            self.writer = self.cache.writer(self.key, self.n_tokens, describe, store)
+            self.chunks = self.writer.wrap(self._raw)
+
+    def finish(self) -> None:
+        if self.writer is not None and self.writer.finish(self._raw):
+            self.source = f"lm (stored as cache:{self.key})"
+
+
 def versions() -> dict:
     import importlib.metadata as md
     out = {"python": platform.python_version()}
@@ -72,13 +116,16 @@ def versions() -> dict:
     return out
 
 
-def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> dict:
+def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list[tuple[Path, dict]]:
+    """Train the config's trainer (and its sweep entries) on one activation stream; evaluate; write
+    one run directory per trainer. Returns [(run_dir, final_info)]."""
     from evals import EvalContext, run_evals
     from trainers import make_trainer
-    from workbench.activations import ActivationScaler, harvest, mixing_buffer
+    from workbench.activations import ActivationScaler, mixing_buffer
+    from workbench.config import sweep_runs
     from workbench.lm import load_lm, resolve_device, special_token_ids
     from workbench.runio import JsonlLog, atomic_write_json, atomic_write_text, code_version
-    from workbench.text import context_windows, held_out_contexts
+    from workbench.text import held_out_contexts
     from workbench.training import train
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -90,12 +137,11 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> dict
     tokenizer, special = model.tokenizer, special_token_ids(model.tokenizer)
     d_in, layer, hook = model.cfg.d_model, cfg.model.layer, cfg.model.hook
 
-    # ---- activations: estimate the scale on the first tokens, which then go on into training
-    epochs = [0]
-    contexts = context_windows(train_texts(cfg, epochs), tokenizer, cfg.data.context_size)
-    chunks = harvest(model, contexts, hook, layer, cfg.data.llm_batch_size, special, out_device=device)
+    # ---- activations: from the cache when a previous run stored this stream, else from the LM
+    stream = ActivationStream(cfg, model, device)
+    chunks = stream.chunks
     first, n_first = [], 0
-    while n_first < cfg.data.norm_tokens:
+    while n_first < cfg.data.norm_tokens:  # the scale is estimated on the first tokens, which then train too
         first.append(next(chunks))
         n_first += first[-1].shape[0]
     first_ND = torch.cat(first)
@@ -104,70 +150,84 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> dict
     batches = (scaler(b) for b in mixing_buffer(itertools.chain(first, chunks),
                                                 cfg.data.buffer_batches * cfg.sae.batch_size, cfg.sae.batch_size, gen))
 
-    # ---- out_dir: created only once the model and data are known to work
-    if overwrite and out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg_dict = config_to_dict(cfg)
-    atomic_write_text(out_dir / "config.toml", to_toml(cfg_dict))
-
-    trainer = make_trainer(cfg.trainer, d_in=d_in, d_sae=cfg.sae.d_sae, total_steps=cfg.total_steps,
-                           total_tokens=cfg.total_steps * cfg.sae.batch_size, init_acts_BD=scaler(first_ND),
-                           seed=cfg.seed, device=device)
+    # ---- run directories: created only once the model and data are known to work
+    runs = sweep_runs(cfg, out_dir)
+    for run_dir, run_cfg in runs:
+        if overwrite and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.toml", to_toml(config_to_dict(run_cfg)))
+    trainers = [make_trainer(run_cfg.trainer, d_in=d_in, d_sae=cfg.sae.d_sae, total_steps=cfg.total_steps,
+                             total_tokens=cfg.total_steps * cfg.sae.batch_size, init_acts_BD=scaler(first_ND),
+                             seed=cfg.seed, device=device) for _, run_cfg in runs]
     del first_ND
     wandb_run = None
     if cfg.log.wandb:
         import wandb
-        wandb_run = wandb.init(project=cfg.log.wandb_project, name=out_dir.name, config=cfg_dict)
-    log = JsonlLog(out_dir / "train_log.jsonl")
+        wandb_run = wandb.init(project=cfg.log.wandb_project, name=out_dir.name, config=config_to_dict(cfg))
+    logs = [JsonlLog(run_dir / "train_log.jsonl") for run_dir, _ in runs]
     try:
-        stats = train([trainer], batches, cfg.total_steps, cfg.sae.batch_size, [log], cfg.log.every_steps,
+        stats = train(trainers, batches, cfg.total_steps, cfg.sae.batch_size, logs, cfg.log.every_steps,
                       progress=cfg.log.progress, wandb_run=wandb_run)
     finally:
-        log.close()
+        for log in logs:
+            log.close()
+    stream.finish()  # complete and publish the cache entry (a few more LM batches at most)
     train_s = time.perf_counter() - t0 - load_s
 
-    # ---- save the SAE on raw activations (normalization folded in)
-    sae = trainer.sae.folded(scaler.scale).eval()
-    metadata = {"model_name": cfg.model.name, "hook_name": hook, "hook_head_index": None, "prepend_bos": True,
-                "context_size": cfg.data.context_size, "dataset_path": cfg.data.dataset,
-                "trainer": cfg.trainer.name, "normalization_scale_folded": scaler.scale,
-                "exclude_special_tokens": True}
-    sae.save(out_dir / "sae", metadata)
-
-    # ---- evaluate on held-out text
-    n_eval_ctx = max(cfg.eval.ce_contexts, -(-cfg.eval.variance_tokens // (cfg.data.context_size - 1)))
-    eval_ctx = EvalContext(model=model, sae=sae, run_cfg=cfg, special_ids=special, progress=cfg.log.progress,
-                           eval_contexts_NT=held_out_contexts(cfg.data, tokenizer, n_eval_ctx, cfg.seed))
-    results, skipped = run_evals(cfg.eval.types, eval_ctx)
+    # ---- save each SAE on raw activations (normalization folded in), then evaluate all together
+    saes = []
+    for (run_dir, run_cfg), trainer in zip(runs, trainers):
+        sae = trainer.sae.folded(scaler.scale).eval()
+        sae.save(run_dir / "sae", {"model_name": cfg.model.name, "hook_name": hook, "hook_head_index": None,
+                                   "prepend_bos": True, "context_size": cfg.data.context_size,
+                                   "dataset_path": cfg.data.dataset, "trainer": run_cfg.trainer.name,
+                                   "normalization_scale_folded": scaler.scale, "exclude_special_tokens": True})
+        if artifacts := trainer.artifacts():
+            atomic_write_json(run_dir / "trainer_artifacts.json", {"trainer": run_cfg.trainer.name, **artifacts})
+        saes.append(sae)
+    results, skipped = [{} for _ in runs], {}
+    if cfg.eval.types:
+        n_eval_ctx = max(cfg.eval.ce_contexts, -(-cfg.eval.variance_tokens // (cfg.data.context_size - 1)))
+        eval_ctx = EvalContext(model=model, saes=saes, run_cfg=cfg, special_ids=special, progress=cfg.log.progress,
+                               eval_contexts_NT=held_out_contexts(cfg.data, tokenizer, n_eval_ctx, cfg.seed))
+        results, skipped = run_evals(cfg.eval.types, eval_ctx)
     wall = time.perf_counter() - t0
 
-    tcfg = {k: v for k, v in cfg_dict["trainer"].items() if k != "name"}
-    final = {
-        f"training results for layer {layer}": {
-            "config": {"trainer_class": type(trainer).__name__, "dict_class": f"SAE[{trainer.architecture}]",
-                       **tcfg, "lr": trainer.lr, "steps": cfg.total_steps, "seed": cfg.seed,
-                       "activation_dim": d_in, "dict_size": cfg.sae.d_sae, "device": str(device), "layer": layer,
-                       "lm_name": cfg.model.name, "submodule_name": hook, "sae_batch_size": cfg.sae.batch_size},
-            "final_info": {"training_steps": stats["steps"], "final_loss": stats["final_loss"][0], "layer": layer,
-                           "dict_size": cfg.sae.d_sae, "learning_rate": trainer.lr,
-                           "sparsity_penalty": getattr(cfg.trainer, "l1_coeff", None), "k": getattr(cfg.trainer, "k", None)},
-            "provenance": {
-                "model": cfg.model.name, "hook": hook, "llm_dtype": cfg.model.dtype, "device": str(device),
-                "dataset": cfg.data.dataset, "embedded_sources": cfg.data.embedded_sources if cfg.data.dataset == "embedded" else None,
-                "context_size": cfg.data.context_size, "train_tokens": stats["tokens"], "data_epochs_completed": epochs[0],
-                "seed": cfg.seed, "code_version": code_version(), "normalization_scale": scaler.scale,
-                "wall_time_s": wall, "model_load_s": load_s, "train_wall_s": train_s,
-                "train_tokens_per_s": stats["tokens_per_s"], "eval_wall_s": wall - load_s - train_s,
-                "started_utc": started, "command": " ".join(["python", "experiment.py", *argv]),
-                "versions": versions()},
-        },
-        **results,
-        "skipped evaluations": skipped,
-        "run config": cfg_dict,
-    }
-    atomic_write_json(out_dir / FINAL_INFO, final)
-    return final
+    out = []
+    for i, ((run_dir, run_cfg), trainer) in enumerate(zip(runs, trainers)):
+        cfg_dict = config_to_dict(run_cfg)
+        tcfg = {k: v for k, v in cfg_dict["trainer"].items() if k != "name"}
+        final = {
+            f"training results for layer {layer}": {
+                "config": {"trainer_class": type(trainer).__name__, "dict_class": f"SAE[{trainer.architecture}]",
+                           **tcfg, "lr": trainer.lr, "steps": cfg.total_steps, "seed": cfg.seed,
+                           "activation_dim": d_in, "dict_size": cfg.sae.d_sae, "device": str(device), "layer": layer,
+                           "lm_name": cfg.model.name, "submodule_name": hook, "sae_batch_size": cfg.sae.batch_size},
+                "final_info": {"training_steps": stats["steps"], "final_loss": stats["final_loss"][i], "layer": layer,
+                               "dict_size": cfg.sae.d_sae, "learning_rate": trainer.lr,
+                               "sparsity_penalty": run_cfg.trainer.l1_coeff if trainer.architecture == "standard" else None,
+                               "k": run_cfg.trainer.k if trainer.architecture == "topk" else None},
+                "provenance": {
+                    "model": cfg.model.name, "hook": hook, "llm_dtype": cfg.model.dtype, "device": str(device),
+                    "dataset": cfg.data.dataset,
+                    "embedded_sources": cfg.data.embedded_sources if cfg.data.dataset == "embedded" else None,
+                    "context_size": cfg.data.context_size, "train_tokens": stats["tokens"],
+                    "seed": cfg.seed, "code_version": code_version(), "normalization_scale": scaler.scale,
+                    "activation_source": stream.source, "wall_time_s": wall, "model_load_s": load_s,
+                    "train_wall_s": train_s, "train_tokens_per_s": stats["tokens_per_s"],
+                    "trainer_step_s": stats["trainer_step_s"][i], "eval_wall_s": wall - load_s - train_s,
+                    "trainers_on_stream": [str(r.name) for r, _ in runs],
+                    "started_utc": started, "command": " ".join(["python", "experiment.py", *argv]),
+                    "versions": versions()},
+            },
+            **results[i],
+            "skipped evaluations": skipped,
+            "run config": cfg_dict,
+        }
+        atomic_write_json(run_dir / FINAL_INFO, final)
+        out.append((run_dir, final))
+    return out
 
 
 def headline(final: dict) -> str:
@@ -176,7 +236,7 @@ def headline(final: dict) -> str:
     rq, mp = core.get("reconstruction_quality", {}), core.get("model_performance_preservation", {})
     parts = [f"trainer={tr['config']['trainer_class']}", f"tokens={tr['provenance']['train_tokens']}",
              f"wall={tr['provenance']['wall_time_s']:.0f}s", f"train_tok/s={tr['provenance']['train_tokens_per_s']:.0f}"]
-    if core:
+    if core and core.get("reconstruction_quality"):
         parts += [f"EV={rq.get('explained_variance'):.4f}", f"CE_score={mp.get('ce_loss_score'):.4f}",
                   f"L0={core['sparsity']['l0']:.1f}", f"alive={core['misc']['frac_alive']:.3f}"]
     return " ".join(parts)
@@ -188,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     try:
         cfg = load_config(args.config, args.set)
-        check_out_dir(out_dir, args.overwrite)
+        from workbench.config import sweep_runs
+        for run_dir, _ in sweep_runs(cfg, out_dir):
+            check_out_dir(run_dir, args.overwrite)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -196,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.text import DataError
     from workbench.training import TrainingDiverged
     try:
-        final = run(cfg, out_dir, args.overwrite, argv)
+        finals = run(cfg, out_dir, args.overwrite, argv)
     except (ModelLoadError, DataError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -204,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write the run ({e.strerror or e}: {e.filename or out_dir}); "
               f"free disk space or pick a writable --out_dir", file=sys.stderr)
         return 1
-    print(f"done: {out_dir} {headline(final)}")
+    for run_dir, final in finals:
+        print(f"done: {run_dir} {headline(final)}")
     return 0
 
 

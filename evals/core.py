@@ -72,18 +72,21 @@ def reconstruction_metrics(sums: _Sums, d_in: int) -> dict:
 
 
 @torch.no_grad()
-def variance_sums(model, sae, contexts_NT, hook, layer, special_ids, n_tokens, batch, progress) -> _Sums:
-    sums = _Sums(sae.d_in, sae.d_sae)
+def variance_sums(model, saes, contexts_NT, hook, layer, special_ids, n_tokens, batch, progress) -> list[_Sums]:
+    """One LM pass to the hook over held-out text; every SAE reconstructs the same activations."""
+    sums = [_Sums(sae.d_in, sae.d_sae) for sae in saes]
+    seen = 0
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="core: reconstruction", disable=not progress)
     for i in range(0, contexts_NT.shape[0], batch):
         tokens = contexts_NT[i:i + batch]
         acts = hook_activations(model, tokens, hook, layer)
-        x = acts[~special_mask(tokens, special_ids).to(acts.device)].float()
-        x = x[: n_tokens - sums.n]
-        f = sae.encode(x.to(sae.W_enc.device))
-        sums.add(x, sae.decode(f), f)
+        x = acts[~special_mask(tokens, special_ids).to(acts.device)].float()[: n_tokens - seen]
+        for sae, acc in zip(saes, sums):
+            f = sae.encode(x.to(sae.W_enc.device))
+            acc.add(x, sae.decode(f), f)
+        seen += x.shape[0]
         bar.update(x.shape[0])
-        if sums.n >= n_tokens:
+        if seen >= n_tokens:
             break
     bar.close()
     return sums
@@ -99,13 +102,28 @@ def _vocab_stats(logits_NV: torch.Tensor, targets_N: torch.Tensor, p_clean_NV: t
     return lg, lse_N, ce_N, dot_N
 
 
+def _scores(m: dict) -> dict:
+    ce_den, kl_den = m["ce_zero"] - m["ce_clean"], m["kl_zero"]
+    return {
+        "model_behavior_preservation": {
+            "kl_div_score": (m["kl_zero"] - m["kl_sae"]) / kl_den if kl_den > 0 else None,
+            "kl_div_with_ablation": m["kl_zero"], "kl_div_with_sae": m["kl_sae"]},
+        "model_performance_preservation": {
+            "ce_loss_score": (m["ce_zero"] - m["ce_sae"]) / ce_den if ce_den != 0 else None,
+            "ce_loss_with_ablation": m["ce_zero"], "ce_loss_with_sae": m["ce_sae"],
+            "ce_loss_without_sae": m["ce_clean"]},
+    }
+
+
 @torch.no_grad()
-def downstream_metrics(model, sae, contexts_NT, hook, layer, special_ids, batch, progress) -> dict:
-    """CE loss and KL(p_clean || p_patched) with the SAE spliced in, and with the activation zero-ablated.
+def downstream_metrics(model, saes, contexts_NT, hook, layer, special_ids, batch, progress) -> tuple[list[dict], int]:
+    """CE loss and KL(p_clean || p_patched) with each SAE spliced in, and with the activation zero-ablated.
 
     KL = sum p_c (lp_c - lp_s) = [sum p_c logit_c - lse_c] - [sum p_c logit_s - lse_s].
-    For resid_post hooks the layers up to the hook run once and each variant resumes from there."""
-    tot = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    The clean and zero-ablated passes are shared by all SAEs; for resid_post hooks the layers up to the
+    hook run once and each variant resumes from there."""
+    totals = [{"ce_sae": 0.0, "kl_sae": 0.0} for _ in saes]
+    shared = {"ce_clean": 0.0, "ce_zero": 0.0, "kl_zero": 0.0}
     n_pos = 0
     resume = hook.endswith("hook_resid_post") and layer + 1 < model.cfg.n_layers
     for i in tqdm(range(0, contexts_NT.shape[0], batch), desc="core: CE/KL", disable=not progress):
@@ -132,59 +150,56 @@ def downstream_metrics(model, sae, contexts_NT, hook, layer, special_ids, batch,
         p_clean = (lc - lse_c[:, None]).exp_()
         self_term_N = (p_clean * lc).sum(-1) - lse_c
         del lc
-        tot["ce_clean"] += ce_c.sum().item()
-        for name, fn in (("sae", lambda a: sae(a.float().to(sae.W_enc.device)).to(a.dtype).to(a.device)),
-                         ("zero", torch.zeros_like)):
+        shared["ce_clean"] += ce_c.sum().item()
+
+        def patched_stats(fn):
             _, lse, ce, dot = _vocab_stats(forward(fn)[:, :-1][score_BT], targets, p_clean)
-            tot[f"ce_{name}"] += ce.sum().item()
-            tot[f"kl_{name}"] += (self_term_N - (dot - lse)).clamp_min(0).sum().item()
+            return ce.sum().item(), (self_term_N - (dot - lse)).clamp_min(0).sum().item()
+
+        shared["ce_zero"], shared["kl_zero"] = [a + b for a, b in zip(
+            (shared["ce_zero"], shared["kl_zero"]), patched_stats(torch.zeros_like))]
+        for sae, tot in zip(saes, totals):
+            ce, kl = patched_stats(lambda a, sae=sae: sae(a.float().to(sae.W_enc.device)).to(a.dtype).to(a.device))
+            tot["ce_sae"] += ce
+            tot["kl_sae"] += kl
         n_pos += targets.shape[0]
-    m = {k: v / max(n_pos, 1) for k, v in tot.items()}
-    ce_den, kl_den = m["ce_zero"] - m["ce_clean"], m["kl_zero"]
-    return {
-        "model_behavior_preservation": {
-            "kl_div_score": (m["kl_zero"] - m["kl_sae"]) / kl_den if kl_den > 0 else None,
-            "kl_div_with_ablation": m["kl_zero"], "kl_div_with_sae": m["kl_sae"]},
-        "model_performance_preservation": {
-            "ce_loss_score": (m["ce_zero"] - m["ce_sae"]) / ce_den if ce_den != 0 else None,
-            "ce_loss_with_ablation": m["ce_zero"], "ce_loss_with_sae": m["ce_sae"],
-            "ce_loss_without_sae": m["ce_clean"]},
-        "_n_positions": n_pos,
-    }
+    per = lambda v: v / max(n_pos, 1)
+    return [_scores({**{k: per(v) for k, v in shared.items()}, **{k: per(v) for k, v in tot.items()}})
+            for tot in totals], n_pos
 
 
-def core_eval(model, sae, contexts_NT, hook, layer, special_ids, *, ce_contexts, ce_batch_size,
-              variance_tokens, llm_batch_size=8, progress=True) -> dict:
-    """All core metrics, grouped as SAEBench's core output groups them."""
-    sums = variance_sums(model, sae, contexts_NT, hook, layer, special_ids, variance_tokens, llm_batch_size, progress)
-    down = downstream_metrics(model, sae, contexts_NT[:ce_contexts], hook, layer, special_ids, ce_batch_size, progress)
-    n_pos = down.pop("_n_positions")
-    metrics = {**down, **reconstruction_metrics(sums, sae.d_in),
-               "token_stats": {"total_tokens_eval_reconstruction": n_pos,
-                               "total_tokens_eval_sparsity_variance": sums.n}}
-    return metrics
+def core_eval_many(model, saes, contexts_NT, hook, layer, special_ids, *, ce_contexts, ce_batch_size,
+                   variance_tokens, llm_batch_size=8, progress=True) -> list[dict]:
+    """Core metrics of several SAEs on the same held-out text, grouped as SAEBench's core output."""
+    sums = variance_sums(model, saes, contexts_NT, hook, layer, special_ids, variance_tokens, llm_batch_size, progress)
+    downs, n_pos = downstream_metrics(model, saes, contexts_NT[:ce_contexts], hook, layer, special_ids,
+                                      ce_batch_size, progress)
+    return [{**down, **reconstruction_metrics(acc, sae.d_in),
+             "token_stats": {"total_tokens_eval_reconstruction": n_pos, "total_tokens_eval_sparsity_variance": acc.n}}
+            for sae, acc, down in zip(saes, sums, downs)]
 
 
-def run(ctx: EvalContext) -> dict:
+def core_eval(model, sae, contexts_NT, hook, layer, special_ids, **kw) -> dict:
+    return core_eval_many(model, [sae], contexts_NT, hook, layer, special_ids, **kw)[0]
+
+
+def run(ctx: EvalContext) -> list[dict]:
     cfg = ctx.run_cfg
     start = time.time()
-    metrics = core_eval(ctx.model, ctx.sae, ctx.eval_contexts_NT, cfg.model.hook, cfg.model.layer, ctx.special_ids,
-                        ce_contexts=cfg.eval.ce_contexts, ce_batch_size=cfg.eval.ce_batch_size,
-                        variance_tokens=cfg.eval.variance_tokens, llm_batch_size=cfg.data.llm_batch_size,
-                        progress=ctx.progress)
+    all_metrics = core_eval_many(ctx.model, ctx.saes, ctx.eval_contexts_NT, cfg.model.hook, cfg.model.layer,
+                                 ctx.special_ids, ce_contexts=cfg.eval.ce_contexts, ce_batch_size=cfg.eval.ce_batch_size,
+                                 variance_tokens=cfg.eval.variance_tokens, llm_batch_size=cfg.data.llm_batch_size,
+                                 progress=ctx.progress)
     sae_set = f"{cfg.model.name}_layer_{cfg.model.layer}_sae"
-    return {
-        "eval_type_id": "core",
-        "unique_id": f"{sae_set}_custom_sae", "sae_set": sae_set, "sae_id": "custom_sae",
-        "eval_cfg": {
-            "model_name": cfg.model.name, "llm_dtype": cfg.model.dtype, "batch_size_prompts": cfg.eval.ce_batch_size,
-            "n_eval_reconstruction_batches": -(-cfg.eval.ce_contexts // cfg.eval.ce_batch_size),
-            "dataset": cfg.data.dataset, "context_size": cfg.data.context_size,
-            "compute_kl": True, "compute_ce_loss": True, "compute_l2_norms": True,
-            "compute_sparsity_metrics": True, "compute_variance_metrics": True,
-            "exclude_special_tokens_from_reconstruction": True, "held_out": True,
-            "implementation": "sae_workbench evals/core.py (SAEBench core schema, corrected explained variance)"},
-        "metrics": metrics,
-        "datetime_epoch_millis": int(time.time() * 1000),
-        "eval_runtime_s": time.time() - start,
-    }
+    eval_cfg = {
+        "model_name": cfg.model.name, "llm_dtype": cfg.model.dtype, "batch_size_prompts": cfg.eval.ce_batch_size,
+        "n_eval_reconstruction_batches": -(-cfg.eval.ce_contexts // cfg.eval.ce_batch_size),
+        "dataset": cfg.data.dataset, "context_size": cfg.data.context_size,
+        "compute_kl": True, "compute_ce_loss": True, "compute_l2_norms": True,
+        "compute_sparsity_metrics": True, "compute_variance_metrics": True,
+        "exclude_special_tokens_from_reconstruction": True, "held_out": True,
+        "implementation": "sae_workbench evals/core.py (SAEBench core schema, corrected explained variance)"}
+    return [{"eval_type_id": "core", "unique_id": f"{sae_set}_custom_sae", "sae_set": sae_set, "sae_id": "custom_sae",
+             "eval_cfg": eval_cfg, "metrics": metrics, "datetime_epoch_millis": int(time.time() * 1000),
+             "eval_runtime_s": time.time() - start, "saes_evaluated_together": len(ctx.saes)}
+            for metrics in all_metrics]

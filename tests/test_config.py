@@ -1,5 +1,6 @@
 """Bad configs fail before any work, with one line naming the key; good ones round-trip."""
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,31 @@ def test_cli_bad_config_exits_2_and_writes_nothing(overrides, key, tmp_path, cap
     assert not out.exists()
 
 
+@pytest.mark.parametrize("path,overrides,key", [
+    ("run_configs/quickstart_momentum.toml", ["trainer.base='gated'"], "trainer.base"),
+    ("run_configs/quickstart_momentum.toml", ["trainer.beta=1.0"], "trainer.beta"),
+    ("run_configs/quickstart_momentum.toml", ["trainer.lambda2=-0.1"], "trainer.lambda2"),
+    ("run_configs/quickstart_progressive.toml", ["trainer.schedule='cosine'"], "trainer.schedule"),
+    ("run_configs/quickstart_progressive.toml", ["trainer.base='relu'"], "trainer.base"),
+    ("run_configs/quickstart_progressive.toml", ["trainer.theta0=0"], "trainer.theta0"),
+    ("run_configs/quickstart_progressive.toml", ["trainer.beta=0.9"], "trainer.beta"),  # momentum's key
+])
+def test_research_trainer_keys_checked(path, overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(path, overrides)
+
+
+def test_extends_merges_tables_and_rejects_cycles(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n[trainer]\nk = 8\n')
+    (tmp_path / "b.toml").write_text(open(QS).read())
+    cfg = load_config(tmp_path / "a.toml")
+    assert cfg.trainer.k == 8 and cfg.trainer.lr == 1e-3 and cfg.model.name == "gemma-3-270m"
+    (tmp_path / "c.toml").write_text('extends = "d.toml"\n')
+    (tmp_path / "d.toml").write_text('extends = "c.toml"\n')
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "c.toml")
+
+
 def test_relu_specific_value_checked():
     with pytest.raises(ConfigError, match="'trainer.l1_coeff'"):
         load_config("run_configs/quickstart_relu.toml", ["trainer.l1_coeff=-2"])
@@ -67,7 +93,19 @@ def test_missing_config_file_and_finished_run(tmp_path, capsys):
     assert (done / "final_info.json").read_text() == "{}"
 
 
-@pytest.mark.parametrize("path", ["run_configs/default.toml", QS, "run_configs/quickstart_relu.toml"])
+SHIPPED = sorted(str(p) for p in Path("run_configs").rglob("*.toml"))
+
+
+def test_all_presets_are_shipped():
+    names = {Path(p).name for p in SHIPPED}
+    assert {"default.toml", "quickstart.toml", "quickstart_relu.toml", "quickstart_momentum.toml",
+            "quickstart_progressive.toml", "quickstart_progressive_static.toml"} <= names
+    sweep = [load_config(p).trainer for p in SHIPPED if "momentum_seed_sweep" in p]
+    assert sorted((t.beta, t.tau, t.lambda2) for t in sweep) == sorted(
+        [(0.9, 0.5, 0.1), (0.99, 0.3, 0.1), (0.8, 0.7, 0.5), (0.95, 0.4, 0.5), (0.95, 0.4, 0.3)])
+
+
+@pytest.mark.parametrize("path", SHIPPED)
 def test_shipped_configs_load_and_round_trip(path, tmp_path):
     cfg = load_config(path)
     text = to_toml(config_to_dict(cfg))
@@ -88,3 +126,17 @@ def test_set_parses_types():
     cfg = load_config(QS, ["trainer.k=16", "trainer.lr=3e-4", "data.embedded_sources=['wiki']", "model.dtype=float32"])
     assert cfg.trainer.k == 16 and cfg.trainer.lr == 3e-4 and cfg.data.embedded_sources == ["wiki"]
     assert cfg.model.dtype == "float32"
+
+
+def test_sweep_entries_merge_and_are_validated(tmp_path):
+    from workbench.config import sweep_runs
+    cfg = load_config(QS, ["sweep=[{k=16}, {label='mom', name='momentum', base='topk', k=32, lambda2=0.2}]"])
+    (l1, t1), (l2, t2) = cfg.sweep
+    assert (l1, t1.name, t1.k, t1.lr) == ("1_topk", "topk", 16, 1e-3)  # merged over [trainer]
+    assert (l2, t2.name, t2.lambda2, t2.lr) == ("mom", "momentum", 0.2, 0.0)  # another trainer: standalone
+    dirs = [d.name for d, _ in sweep_runs(cfg, tmp_path / "run_3")]
+    assert dirs == ["run_3", "run_3_1_topk", "run_3_mom"]
+    with pytest.raises(ConfigError, match=r"sweep \(1_topk\).*'trainer.k'"):
+        load_config(QS, ["sweep=[{k=99999}]"])
+    with pytest.raises(ConfigError, match="label"):
+        load_config(QS, ["sweep=[{label='a b'}]"])

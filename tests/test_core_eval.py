@@ -96,3 +96,14 @@ def test_random_sae_matches_naive_reference():
     assert mp["ce_loss_without_sae"] == pytest.approx(ce(clean), rel=1e-5)
     den = mp["ce_loss_with_ablation"] - mp["ce_loss_without_sae"]
     assert mp["ce_loss_score"] == pytest.approx((mp["ce_loss_with_ablation"] - mp["ce_loss_with_sae"]) / den)
+
+
+def test_many_saes_at_once_equal_one_at_a_time():
+    from evals.core import core_eval_many
+    model, toks = tiny_lm(), contexts()
+    g = torch.Generator().manual_seed(4)
+    saes = [SAE(16, 32, "topk", k=4).init_tied_(g, b_dec=torch.randn(16, generator=g)), identity_sae(16)]
+    kw = dict(ce_contexts=toks.shape[0], ce_batch_size=4, variance_tokens=10_000, llm_batch_size=4, progress=False)
+    together = core_eval_many(model, saes, toks, HOOK, LAYER, SPECIAL, **kw)
+    for sae, m in zip(saes, together):
+        assert m == core_eval(model, sae, toks, HOOK, LAYER, SPECIAL, **kw)

@@ -18,11 +18,33 @@ def sets(items):
 
 
 @pytest.fixture(scope="module")
-def topk_run(tmp_path_factory):
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("act_cache")
+
+
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("runs") / "run_topk"
-    rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart.toml", *sets(TINY + ["trainer.k=16"])])
+    rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart.toml",
+                          *sets(TINY + ["trainer.k=16", f"cache.dir='{cache_dir}'"])])
     assert rc == 0
     return out
+
+
+def test_warm_cache_run_reproduces_the_cold_run_exactly(topk_run, cache_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cold = json.loads((topk_run / "final_info.json").read_text())["training results for layer 6"]["provenance"]
+    assert cold["activation_source"].startswith("lm (stored as cache:")
+    out = tmp_path / "run_warm"
+    rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart.toml",
+                          *sets(TINY + ["trainer.k=16", f"cache.dir='{cache_dir}'", "eval.types=[]"])])
+    assert rc == 0
+    warm = json.loads((out / "final_info.json").read_text())["training results for layer 6"]["provenance"]
+    assert warm["activation_source"].startswith("cache:") and warm["normalization_scale"] == cold["normalization_scale"]
+    a, b = load_file(str(topk_run / "sae" / "sae_weights.safetensors")), load_file(str(out / "sae" / "sae_weights.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_run_directory_contents(topk_run):
@@ -74,9 +96,10 @@ def test_saved_sae_reproduces_core_ev_with_sae_lens(topk_run):
     assert ev.item() == pytest.approx(stored, abs=1e-3)
 
 
-def test_relu_run_and_refusal_to_overwrite(topk_run, tmp_path, capsys):
+def test_relu_run_and_refusal_to_overwrite(topk_run, cache_dir, tmp_path, capsys):
     out = tmp_path / "run_relu"
-    rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart_relu.toml", *sets(TINY)])
+    rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart_relu.toml",
+                          *sets(TINY + [f"cache.dir='{cache_dir}'"])])
     assert rc == 0
     info = json.loads((out / "final_info.json").read_text())
     assert info["training results for layer 6"]["config"]["trainer_class"] == "ReLUTrainer"
@@ -84,3 +107,29 @@ def test_relu_run_and_refusal_to_overwrite(topk_run, tmp_path, capsys):
     before = (topk_run / "final_info.json").read_text()
     assert experiment.main([f"--out_dir={topk_run}", "--config", "run_configs/quickstart.toml"]) == 2
     assert (topk_run / "final_info.json").read_text() == before
+
+
+def test_sweep_trains_several_saes_on_one_stream(topk_run, cache_dir, tmp_path):
+    """The main trainer of a sweep ends bitwise equal to the same trainer run alone (same stream);
+    the extra momentum trainer writes its own complete run directory."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run_sw"
+    rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart.toml",
+                          *sets(TINY + ["trainer.k=16", f"cache.dir='{cache_dir}'",
+                                        "sweep=[{label='mom', name='momentum', base='topk', k=16, lambda2=0.5}]"])])
+    assert rc == 0
+    a = load_file(str(topk_run / "sae" / "sae_weights.safetensors"))
+    b = load_file(str(out / "sae" / "sae_weights.safetensors"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    mom = tmp_path / "run_sw_mom"
+    info = json.loads((mom / "final_info.json").read_text())
+    tr = info["training results for layer 6"]
+    assert tr["config"]["trainer_class"] == "MomentumTrainer" and tr["config"]["lambda2"] == 0.5
+    assert tr["provenance"]["trainers_on_stream"] == ["run_sw", "run_sw_mom"]
+    assert info["core evaluation results"]["metrics"]["sparsity"]["l0"] == pytest.approx(16, abs=0.5)
+    log = [json.loads(line) for line in (mom / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["cofiring_pairs"] > 0 and log[-1]["loss_competition"] > 0 and 0 < log[-1]["penalty_share"] < 1
+    art = json.loads((mom / "trainer_artifacts.json").read_text())
+    assert len(art["momentum_final"]) == 512
+    assert "sweep" not in (mom / "config.toml").read_text()

@@ -117,6 +117,10 @@ class Trainer:
         latents_BF = self.sae.activate(pre_BF)
         return pre_BF, latents_BF, self.sae.decode(latents_BF)
 
+    def artifacts(self) -> dict:
+        """Trainer outputs saved with the run for plot.py (e.g. the final momentum vector)."""
+        return {}
+
     # ------------------------------------------------------------ checkpoint state
     def extra_state(self) -> dict:
         """Trainer state beyond SAE/optimizer/scheduler (subclasses extend)."""

@@ -24,7 +24,7 @@ class TopKConfig(TrainerConfig):
 
     def validate(self, run) -> None:
         super().validate(run)
-        if not 0 < self.k <= run.sae.d_sae:
+        if getattr(self, "base", "topk") == "topk" and not 0 < self.k <= run.sae.d_sae:
             raise ConfigError(f"config key 'trainer.k' must be in 1..sae.d_sae ({run.sae.d_sae}), got {self.k}")
         if self.auxk_alpha < 0 or self.k_aux < 0:
             raise ConfigError("config key 'trainer.auxk_alpha' / 'trainer.k_aux' must be >= 0")

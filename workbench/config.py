@@ -73,6 +73,13 @@ class EvalConfig:
 
 
 @dataclass
+class CacheConfig:
+    enabled: bool = param(True, "reuse activations across runs with the same model, hook, text and budget")
+    dir: str = param("", "activation cache folder; '' = $SAE_WB_CACHE/activations or ~/.cache/sae_workbench/activations")
+    max_gb: float = param(50.0, "size limit; least recently used entries are evicted, a larger single run is not cached")
+
+
+@dataclass
 class LogConfig:
     every_steps: int = param(10, "training-log (JSONL) interval in steps")
     progress: bool = param(True, "show progress bars")
@@ -87,7 +94,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     trainer: Any = None  # a registered trainer's config dataclass (trainers/), chosen by trainer.name
+    # Extra trainers on the same activation stream: [(label, trainer config)], from [[sweep]] tables. Each
+    # table is merged over [trainer] when it names the same trainer (or none), and writes {out_dir}_{label}.
+    sweep: list = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -170,16 +181,36 @@ def merge_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a TOML file (default run_configs/default.toml), apply overrides, validate everything."""
-    path = Path(path) if path else Path(__file__).resolve().parent.parent / "run_configs" / "default.toml"
+def deep_merge(base: dict, child: dict) -> dict:
+    """child over base, tables merged key by key."""
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_toml_tree(path: Path, _seen: tuple = ()) -> dict:
+    """A config file's tree; `extends = "other.toml"` (relative to this file) is read first and merged under it."""
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found; pass --config run_configs/quickstart.toml or another file")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file '{path}' extends itself (cycle through {[str(p) for p in _seen]})")
     try:
         tree = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
-    return config_from_dict(merge_overrides(tree, list(overrides)))
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise ConfigError(f"config key 'extends' in '{path}' must be a file name")
+    return deep_merge(read_toml_tree(path.parent / parent, _seen + (path.resolve(),)), tree)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML file (default run_configs/default.toml), apply overrides, validate everything."""
+    path = Path(path) if path else Path(__file__).resolve().parent.parent / "run_configs" / "default.toml"
+    return config_from_dict(merge_overrides(read_toml_tree(path), list(overrides)))
 
 
 def config_from_dict(tree: dict) -> RunConfig:
@@ -187,10 +218,25 @@ def config_from_dict(tree: dict) -> RunConfig:
 
     tree = dict(tree)
     trainer_tree = tree.pop("trainer", {"name": "topk"})
+    sweep_tree = tree.pop("sweep", [])
     if not isinstance(trainer_tree, dict):
         raise ConfigError("config key 'trainer' must be a table with a 'name'")
+    if not isinstance(sweep_tree, list) or not all(isinstance(t, dict) for t in sweep_tree):
+        raise ConfigError("config key 'sweep' must be a list of trainer tables ([[sweep]] in TOML)")
     cfg = build_dataclass(RunConfig, tree, "")
     cfg.trainer = trainer_config_from_dict(trainer_tree)
+    labels = set()
+    for i, entry in enumerate(sweep_tree):
+        entry = dict(entry)
+        label = str(entry.pop("label", f"{i + 1}_{entry.get('name', trainer_tree.get('name'))}"))
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or label in labels:
+            raise ConfigError(f"config key 'sweep[{i}].label' = '{label}' must be unique and use only letters, digits, _ . -")
+        labels.add(label)
+        same = entry.get("name", trainer_tree.get("name")) == trainer_tree.get("name")
+        try:
+            cfg.sweep.append((label, trainer_config_from_dict(deep_merge(trainer_tree, entry) if same else entry)))
+        except ConfigError as e:
+            raise ConfigError(f"in sweep[{i}] ({label}): {e}") from None
     validate(cfg)
     return cfg
 
@@ -229,16 +275,32 @@ def validate(cfg: RunConfig) -> None:
     from evals import EVALS
     unknown = [t for t in e.types if t not in EVALS]
     _check(not unknown, "eval.types", f"names unknown evaluation(s) {unknown}; known: {sorted(EVALS)}")
+    _check(cfg.cache.max_gb > 0, "cache.max_gb", "must be > 0")
     _check(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
     cfg.trainer.validate(cfg)
+    for label, trainer in cfg.sweep:
+        try:
+            trainer.validate(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"in sweep ({label}): {e}") from None
 
 
 # ---------------------------------------------------------------- saving
 
 def config_to_dict(cfg: RunConfig) -> dict:
-    out = dataclasses.asdict(cfg)
+    """The resolved config of one run (the sweep's entries are resolved into runs of their own)."""
+    out = dataclasses.asdict(dataclasses.replace(cfg, sweep=[]))
+    out.pop("sweep")
     out["trainer"] = {"name": cfg.trainer.name, **dataclasses.asdict(cfg.trainer)}
     return out
+
+
+def sweep_runs(cfg: RunConfig, out_dir: Path) -> list[tuple[Path, RunConfig]]:
+    """(run directory, single-trainer config) for the main trainer and each sweep entry."""
+    runs = [(out_dir, dataclasses.replace(cfg, sweep=[]))]
+    for label, trainer in cfg.sweep:
+        runs.append((out_dir.parent / f"{out_dir.name}_{label}", dataclasses.replace(cfg, trainer=trainer, sweep=[])))
+    return runs
 
 
 def _toml_value(v: Any) -> str:

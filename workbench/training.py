@@ -46,11 +46,14 @@ def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_st
                dynamic_ncols=True)
     start, step = time.perf_counter(), 0
     last_loss = [math.nan] * len(trainers)
+    step_s = [0.0] * len(trainers)  # time inside each trainer's steps: the marginal cost of a sweep entry
     for batch_BD in batches:
         if step >= total_steps:
             break
         for i, (trainer, log) in enumerate(zip(trainers, logs)):
+            t_step = time.perf_counter()
             out = trainer.step(batch_BD)
+            step_s[i] += time.perf_counter() - t_step
             if not math.isfinite(out.loss.item()):
                 check_finite(trainer, out, step)
             last = step == total_steps - 1
@@ -68,4 +71,5 @@ def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_st
     bar.close()
     wall = time.perf_counter() - start
     return {"steps": step, "tokens": step * batch_size, "wall_s": wall,
-            "tokens_per_s": step * batch_size / wall if wall > 0 else None, "final_loss": last_loss}
+            "tokens_per_s": step * batch_size / wall if wall > 0 else None, "final_loss": last_loss,
+            "trainer_step_s": step_s}

@@ -1,0 +1,85 @@
+"""Training-step time of topk vs momentum vs progressive, side by side, in one invocation.
+
+    python bench/bench_trainers.py [--steps 10] [--sizes cpu|gpu|all]
+
+CPU size (d=640, n=4096, B=2048); GPU size (d=2304, n=16384, B=2048) when CUDA is present.
+Activations are synthetic but structured (sparse codes over a random dictionary plus noise), so the
+co-firing pattern, and with it the competition cost, resembles real SAE training.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from trainers import make_trainer  # noqa: E402
+from workbench.config import config_from_dict  # noqa: E402
+
+TRAINER_SETTINGS = {
+    "topk": {"name": "topk"},
+    "momentum": {"name": "momentum", "base": "topk", "beta": 0.9, "tau": 0.5, "lambda2": 0.1},
+    "progressive": {"name": "progressive", "theta0": 0.5, "lambda2_max": 0.1, "gamma": 2.0},
+}
+
+
+def synthetic_acts(n_tokens: int, d: int, device, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n_true = 4 * d
+    dictionary = torch.nn.functional.normalize(torch.randn(n_true, d, generator=g), dim=1)
+    codes = torch.rand(n_tokens, n_true, generator=g)
+    codes = torch.where(codes > 1 - 24 / n_true, torch.rand(n_tokens, n_true, generator=g) * 3, torch.zeros(()))
+    x = codes @ dictionary + 0.1 * torch.randn(n_tokens, d, generator=g)
+    x *= (d / x.pow(2).sum(1).mean()) ** 0.5
+    return x.to(device)
+
+
+def time_steps(name: str, d: int, n: int, B: int, k: int, steps: int, device) -> tuple[float, dict]:
+    cfg = config_from_dict({"model": {"name": "gemma-3-270m", "hook": "blocks.6.hook_resid_post"},
+                            "data": {"dataset": "embedded", "train_tokens": B * (steps + 5)},
+                            "sae": {"d_sae": n, "batch_size": B},
+                            "trainer": {**TRAINER_SETTINGS[name], "k": k, "warmup_steps": 0}})
+    acts = synthetic_acts(B * 4, d, device)
+    trainer = make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=1000, total_tokens=1000 * B,
+                           init_acts_BD=acts[:B], seed=0, device=device)
+    batches = [acts[i * B:(i + 1) * B] for i in range(4)]
+    for s in range(3):  # warm up allocator, kernels and the co-firing pattern
+        trainer.step(batches[s % 4])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for s in range(steps):
+        out = trainer.step(batches[s % 4])
+    sync()
+    return (time.perf_counter() - start) / steps, out.stats
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--sizes", default="all", choices=["cpu", "gpu", "all"])
+    args = p.parse_args(argv)
+    sizes = []
+    if args.sizes in ("cpu", "all"):
+        sizes.append(("cpu", torch.device("cpu"), 640, 4096, 2048, 32))
+    if args.sizes in ("gpu", "all"):
+        if torch.cuda.is_available():
+            sizes.append(("gpu", torch.device("cuda"), 2304, 16384, 2048, 320))
+        else:
+            print("gpu size skipped: no CUDA device")
+    for label, device, d, n, B, k in sizes:
+        print(f"\n[{label}] d={d} n={n} B={B} k={k} device={device} threads={torch.get_num_threads()}")
+        base = None
+        for name in TRAINER_SETTINGS:
+            sec, stats = time_steps(name, d, n, B, k, args.steps, device)
+            base = base or sec
+            extra = f"  co-firing pairs {stats['cofiring_pairs']:,}" if "cofiring_pairs" in stats else ""
+            print(f"  {name:12s} {sec * 1000:8.1f} ms/step  {B / sec:10.0f} tok/s  {sec / base:5.2f}x topk{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

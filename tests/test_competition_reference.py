@@ -1,0 +1,149 @@
+"""The fast (pair-list) momentum and progressive trainers against a plain dense reference written
+straight from TRAINERS.md sections 3-4: loss value, gradients, momentum state and weights w_i."""
+import pytest
+import torch
+
+from tests.helpers import tiny_run_config
+from trainers import make_trainer
+from trainers.competition import cofiring_pairs, max_abs_cosine_F
+from trainers.progressive import schedule_at
+
+N, D, B = 48, 10, 64
+
+
+def dense_overlap(latents):
+    M = (latents > 0).double()
+    a = M.sum(0)
+    C = M.T @ M
+    both = (a[:, None] > 0) & (a[None, :] > 0)
+    nmat = torch.where(both, C / torch.minimum(a[:, None], a[None, :]).clamp_min(1), torch.zeros_like(C))
+    nmat.fill_diagonal_(0)
+    return nmat
+
+
+def dense_s(W_dec):
+    s = (W_dec @ W_dec.T).abs()
+    return s - torch.diag(torch.diag(s))
+
+
+def make(name, seed, **kw):
+    base = {"name": name, "k": 6, "lr": 1e-3, "warmup_steps": 0, **kw}
+    cfg = tiny_run_config(**base)
+    cfg.sae.d_sae = N
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.randn(B, D, generator=g) @ torch.randn(D, D, generator=g)
+    tr = make_trainer(cfg.trainer, d_in=D, d_sae=N, total_steps=20, total_tokens=20 * B, init_acts_BD=acts, seed=seed)
+    with torch.no_grad():  # random decoder (unit rows) and a b_enc that makes ReLU codes dense-ish
+        W = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1)
+        tr.sae.W_dec.copy_(W)
+        tr.sae.W_enc.copy_(W.T + 0.3 * torch.randn(D, N, generator=g))
+        tr.sae.b_enc.copy_(0.2 * torch.randn(N, generator=g))
+    return tr, acts
+
+
+@pytest.mark.parametrize("method", ["sparse", "dense", "auto"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cofiring_pairs_match_dense(seed, method, monkeypatch):
+    import trainers.competition as comp
+    monkeypatch.setattr(comp, "MAX_PAIR_OCCURRENCES", 500)  # several token chunks, merged
+    monkeypatch.setattr(comp, "DENSE_BLOCK", 7)             # several latent blocks
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.relu(torch.randn(B, N, generator=g) - 0.8)
+    pairs = cofiring_pairs(lat, method)
+    dense = dense_overlap(lat)
+    sparse = torch.zeros(N, N, dtype=torch.float64)
+    sparse[pairs.i, pairs.j] = pairs.overlap.double()
+    sparse = sparse + sparse.T
+    torch.testing.assert_close(sparse, dense)
+    assert (pairs.i < pairs.j).all()
+    M = (lat > 0).double()
+    torch.testing.assert_close(pairs.counts.double(), (M.T @ M)[pairs.i, pairs.j])
+
+
+@pytest.mark.parametrize("base", ["relu", "topk"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_momentum_matches_dense_reference(seed, base):
+    beta, tau, lam = 0.8, 0.7, 0.3
+    tr, acts = make("momentum", seed, base=base, beta=beta, tau=tau, lambda2=lam, l1_coeff=0.1, l1_warmup_frac=0.0)
+    m_ref = torch.zeros(N, dtype=torch.float64)
+    for step in range(3):
+        W_ref = tr.sae.W_dec.detach().clone().double().requires_grad_(True)
+        _, base_loss, latents, _ = tr.base_loss(acts, step / 20)
+        c = dense_overlap(latents.detach())
+        m_ref = beta * m_ref + (1 - beta) * c.sum(1)
+        w = 1.0 + (m_ref > tau).double()
+        pen = lam * ((w[:, None] + w[None, :]) * c * dense_s(W_ref)).sum() / N
+        pen.backward()
+        m_before = tr.momentum_F.clone()
+        value, stats = tr.penalty(latents, step / 20)  # the fast penalty alone: value, gradient, state
+        torch.testing.assert_close(value.double(), pen.detach(), rtol=1e-5, atol=1e-7)
+        (g_fast,) = torch.autograd.grad(value, tr.sae.W_dec)
+        torch.testing.assert_close(g_fast.double(), W_ref.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(tr.momentum_F.double(), m_ref, rtol=1e-5, atol=1e-6)
+        assert stats["frac_w2"] == pytest.approx((w > 1).double().mean().item())
+        tr.momentum_F.copy_(m_before)
+        out = tr.step(acts)  # the real step: its loss is the base loss plus the same penalty
+        torch.testing.assert_close(out.loss.double(), base_loss.double() + pen.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tr.momentum_F.double(), m_ref, rtol=1e-5, atol=1e-6)
+    assert out.stats["cofiring_pairs"] > 0 and out.parts["competition"] > 0
+
+
+@pytest.mark.parametrize("schedule", ["progressive", "static"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_progressive_matches_dense_reference(seed, schedule):
+    theta0, lam_max, gamma = 0.4, 0.5, 2.0
+    tr, acts = make("progressive", seed, theta0=theta0, lambda2_max=lam_max, gamma=gamma, schedule=schedule)
+    for p in (0.0, 0.3, 0.9, 1.0):
+        W_ref = tr.sae.W_dec.detach().clone().double().requires_grad_(True)
+        _, base_loss, latents, _ = tr.base_loss(acts, p)
+        thr = theta0 if schedule == "static" else max(theta0 * (1 - p), 1e-3)
+        lam = lam_max if schedule == "static" else lam_max * (1 - p) ** gamma
+        assert schedule_at(tr.cfg, p) == pytest.approx((thr, lam))
+        nmat = dense_overlap(latents.detach())
+        c = ((nmat - thr) / thr).clamp(0, 1)
+        c.fill_diagonal_(0)
+        pen = lam * (c * dense_s(W_ref)).sum() / N
+        pen.backward()
+        value, stats = tr.penalty(latents, p)
+        torch.testing.assert_close(value.double(), pen.detach(), rtol=1e-5, atol=1e-7)
+        (g_fast,) = torch.autograd.grad(value, tr.sae.W_dec)
+        torch.testing.assert_close(g_fast.double(), W_ref.grad, rtol=1e-4, atol=1e-7)
+        assert stats["pairs_c_pos"] == int((c > 0).sum().item() // 2)
+        out = tr.loss(acts, p)
+        torch.testing.assert_close(out.loss.double(), base_loss.double() + pen.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_training_steps_match_dense_reference_weights():
+    """Several optimizer steps with the fast penalty end at the same weights as with the dense one."""
+    tr, acts = make("momentum", 5, base="topk", beta=0.9, tau=0.2, lambda2=0.5)
+    ref, _ = make("momentum", 5, base="topk", beta=0.9, tau=0.2, lambda2=0.5)
+
+    def dense_loss(acts_BD, progress):
+        parts, base, latents, recon = ref.base_loss(acts, progress)
+        c = dense_overlap(latents.detach()).float()
+        with torch.no_grad():
+            ref.momentum_F.mul_(0.9).add_(0.1 * c.sum(1))
+        w = 1.0 + (ref.momentum_F > 0.2).float()
+        pen = 0.5 * ((w[:, None] + w[None, :]) * c * dense_s(ref.sae.W_dec)).sum() / N
+        from trainers.base import StepOutput
+        return StepOutput(base + pen, parts, acts, recon, latents)
+
+    ref.loss = dense_loss
+    for _ in range(5):
+        tr.step(acts)
+        ref.step(acts)
+    for a, b in zip(tr.sae.parameters(), ref.sae.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr.momentum_F, ref.momentum_F, rtol=1e-5, atol=1e-6)
+
+
+def test_progressive_snapshots_and_max_cosine():
+    tr, acts = make("progressive", 0, theta0=0.4, lambda2_max=0.5)
+    for _ in range(20):
+        tr.step(acts)
+    snaps = tr.artifacts()["separation_progression"]
+    assert [s["progress"] for s in snaps] == [0.25, 0.5, 0.75, 1.0]
+    assert [s["step"] for s in snaps] == [5, 10, 15, 20]
+    assert all(sum(s["counts"]) == s["n_pairs"] for s in snaps)
+    W = tr.sae.W_dec.detach()
+    torch.testing.assert_close(max_abs_cosine_F(W, chunk=7), dense_s(W).max(1).values)

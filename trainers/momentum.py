@@ -1,0 +1,67 @@
+"""Per-Feature Momentum Tracking (seed 000), TRAINERS.md section 3.
+
+    c_ij = n_ij                                          (this batch's overlap coefficient)
+    m_i  <- beta * m_i + (1 - beta) * sum_{j != i} c_ij  (O(n) state; updated before the loss uses w)
+    w_i  = 2 if m_i > tau else 1
+    L    = L_base + lambda2 * (1/n) sum_{i != j} (w_i + w_j) * c_ij * s_ij
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainers.base import register
+from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
+                                  per_latent_sum)
+from workbench.config import ConfigError, param
+
+
+@dataclass
+class MomentumConfig(CompetitionConfig):
+    base: str = param("relu", "base SAE: relu (as in the seeds) or topk")
+    beta: float = param(0.9, "momentum rate beta of m_i")
+    tau: float = param(0.5, "competition threshold tau: w_i = 2 where m_i > tau")
+    lambda2: float = param(0.1, "competition penalty weight lambda2")
+
+    def validate(self, run) -> None:
+        super().validate(run)
+        if not 0 <= self.beta < 1:
+            raise ConfigError(f"config key 'trainer.beta' must be in [0, 1), got {self.beta}")
+        if self.lambda2 < 0:
+            raise ConfigError(f"config key 'trainer.lambda2' must be >= 0, got {self.lambda2}")
+
+
+@register
+class MomentumTrainer(CompetitionTrainer):
+    name = "momentum"
+    Config = MomentumConfig
+
+    def __init__(self, cfg: MomentumConfig, **kw):
+        super().__init__(cfg, **kw)
+        self.momentum_F = torch.zeros(self.sae.d_sae, device=self.sae.W_dec.device)
+
+    def penalty(self, latents_BF, progress):
+        cfg, n = self.cfg, self.sae.d_sae
+        pairs = cofiring_pairs(latents_BF)
+        c_P = pairs.overlap
+        with torch.no_grad():
+            self.momentum_F.mul_(cfg.beta).add_((1 - cfg.beta) * per_latent_sum(pairs, c_P, n))
+            w_F = 1.0 + (self.momentum_F > cfg.tau).float()
+        coef_P = (w_F[pairs.i] + w_F[pairs.j]) * c_P
+        value = cfg.lambda2 * competition_penalty(self.sae.W_dec, pairs, coef_P, n)
+        m = self.momentum_F
+        stats = {"cofiring_pairs": pairs.n_pairs, "frac_w2": (w_F > 1).float().mean().item(),
+                 "momentum_mean": m.mean().item(), "momentum_p99": m.quantile(0.99).item(),
+                 "momentum_max": m.max().item()}
+        return value, stats
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "momentum_F": self.momentum_F}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        self.momentum_F.copy_(state["momentum_F"])
+
+    def artifacts(self) -> dict:
+        return {"momentum_final": self.momentum_F.tolist(), "tau": self.cfg.tau}

@@ -1,0 +1,96 @@
+"""Progressive Sparsity-Guided Orthogonality (seed 001), TRAINERS.md section 4.
+
+    threshold(p) = max(theta0 * (1 - p), 1e-3)
+    c_ij(p)      = clamp((n_ij - threshold(p)) / threshold(p), 0, 1)
+    lambda2(p)   = lambda2_max * (1 - p)^gamma
+    L            = L_base + lambda2(p) * (1/n) sum_{i != j} c_ij(p) * s_ij
+schedule = "static" keeps threshold = theta0 and lambda2 = lambda2_max (the seed's static comparison).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainers.base import register
+from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
+                                  max_abs_cosine_F, pair_dots)
+from workbench.config import ConfigError, param
+
+SNAPSHOTS = (0.25, 0.5, 0.75, 1.0)
+HIST_BINS = 50
+
+
+@dataclass
+class ProgressiveConfig(CompetitionConfig):
+    theta0: float = param(0.5, "initial overlap threshold theta0")
+    lambda2_max: float = param(0.1, "initial (maximum) penalty weight")
+    gamma: float = param(2.0, "decay exponent of lambda2(p) (2 in the seed; 0.5 the reviewer's follow-up)")
+    schedule: str = param("progressive", "progressive | static (threshold and lambda2 held at their initial values)")
+
+    def validate(self, run) -> None:
+        super().validate(run)
+        if self.base != "topk":
+            raise ConfigError("config key 'trainer.base' must be topk for the progressive trainer")
+        if self.schedule not in ("progressive", "static"):
+            raise ConfigError(f"config key 'trainer.schedule' must be progressive or static, got '{self.schedule}'")
+        if not 0 < self.theta0 <= 1:
+            raise ConfigError(f"config key 'trainer.theta0' must be in (0, 1], got {self.theta0}")
+        if self.lambda2_max < 0 or self.gamma < 0:
+            raise ConfigError("config keys 'trainer.lambda2_max' and 'trainer.gamma' must be >= 0")
+
+
+def schedule_at(cfg: ProgressiveConfig, p: float) -> tuple[float, float]:
+    """(threshold(p), lambda2(p))."""
+    if cfg.schedule == "static":
+        return cfg.theta0, cfg.lambda2_max
+    return max(cfg.theta0 * (1 - p), 1e-3), cfg.lambda2_max * (1 - p) ** cfg.gamma
+
+
+@register
+class ProgressiveTrainer(CompetitionTrainer):
+    name = "progressive"
+    Config = ProgressiveConfig
+
+    def __init__(self, cfg: ProgressiveConfig, **kw):
+        super().__init__(cfg, **kw)
+        self.snapshots: list[dict] = []
+        self._last_pairs = None
+
+    def penalty(self, latents_BF, progress):
+        thr, lam = schedule_at(self.cfg, progress)
+        pairs = cofiring_pairs(latents_BF)
+        c_P = ((pairs.overlap - thr) / thr).clamp(0, 1)
+        value = lam * competition_penalty(self.sae.W_dec, pairs, c_P, self.sae.d_sae)
+        self._last_pairs = pairs
+        active = c_P > 0
+        stats = {"lambda2": lam, "threshold": thr, "cofiring_pairs": pairs.n_pairs,
+                 "pairs_c_pos": int(active.sum()), "mean_c": c_P[active].mean().item() if active.any() else 0.0}
+        return value, stats
+
+    def step(self, acts_BD):
+        out = super().step(acts_BD)
+        done = len(self.snapshots)
+        if done < len(SNAPSHOTS) and self.step_count >= round(SNAPSHOTS[done] * self.total_steps):
+            self.snapshots.append(self.separation_snapshot(SNAPSHOTS[done]))
+        return out
+
+    @torch.no_grad()
+    def separation_snapshot(self, at: float) -> dict:
+        """Histogram of s_ij over this batch's co-firing pairs, and mean over latents of max_j s_ij."""
+        pairs = self._last_pairs
+        s_P = pair_dots(self.sae.W_dec, pairs.i, pairs.j).abs().float().cpu()
+        hist = torch.histc(s_P, bins=HIST_BINS, min=0.0, max=1.0)
+        return {"progress": at, "step": self.step_count, "bin_edges": torch.linspace(0, 1, HIST_BINS + 1).tolist(),
+                "counts": hist.tolist(), "n_pairs": pairs.n_pairs,
+                "mean_max_abs_cosine": max_abs_cosine_F(self.sae.W_dec).mean().item()}
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "snapshots": self.snapshots}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        self.snapshots = list(state["snapshots"])
+
+    def artifacts(self) -> dict:
+        return {"separation_progression": self.snapshots}
