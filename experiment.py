@@ -61,11 +61,26 @@ def train_texts(cfg: RunConfig, epochs: list[int]):
         epochs[0] += 1
 
 
+class LazyLM:
+    """Loads the LM on first use: a warm-cache run without LM-based evals never loads it."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.model, self.load_s = cfg, None, 0.0
+
+    def get(self):
+        if self.model is None:
+            from workbench.lm import load_lm
+            start = time.perf_counter()
+            self.model = load_lm(self.cfg.model)
+            self.load_s = time.perf_counter() - start
+        return self.model
+
+
 class ActivationStream:
     """The run's activation chunks (float32, harvest order): read from the cache when a complete entry
     exists for this key, else produced by the LM (and stored when caching is on)."""
 
-    def __init__(self, cfg: RunConfig, model, device):
+    def __init__(self, cfg: RunConfig, lm: LazyLM, device):
         from workbench.activations import harvest
         from workbench.cache import ActivationCache, cache_key
         from workbench.lm import cache_root, special_token_ids
@@ -90,6 +105,7 @@ class ActivationStream:
             return
         self.source = "lm"
         self.epochs = [0]
+        model = lm.get()
         special = special_token_ids(model.tokenizer)
         contexts = context_windows(train_texts(cfg, self.epochs), model.tokenizer, d.context_size)
         self._raw = harvest(model, contexts, cfg.model.hook, cfg.model.layer, d.llm_batch_size, special, out_device=device)
@@ -123,7 +139,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list
     from trainers import make_trainer
     from workbench.activations import ActivationScaler, mixing_buffer
     from workbench.config import sweep_runs
-    from workbench.lm import load_lm, resolve_device, special_token_ids
+    from workbench.lm import resolve_device, special_token_ids
     from workbench.runio import JsonlLog, atomic_write_json, atomic_write_text, code_version
     from workbench.text import held_out_contexts
     from workbench.training import train
@@ -132,19 +148,18 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.model.device)
-    model = load_lm(cfg.model)
-    load_s = time.perf_counter() - t0
-    tokenizer, special = model.tokenizer, special_token_ids(model.tokenizer)
-    d_in, layer, hook = model.cfg.d_model, cfg.model.layer, cfg.model.hook
+    layer, hook = cfg.model.layer, cfg.model.hook
+    lm = LazyLM(cfg)
 
     # ---- activations: from the cache when a previous run stored this stream, else from the LM
-    stream = ActivationStream(cfg, model, device)
+    stream = ActivationStream(cfg, lm, device)
     chunks = stream.chunks
     first, n_first = [], 0
     while n_first < cfg.data.norm_tokens:  # the scale is estimated on the first tokens, which then train too
         first.append(next(chunks))
         n_first += first[-1].shape[0]
     first_ND = torch.cat(first)
+    d_in = first_ND.shape[1]
     scaler = ActivationScaler.estimate(first_ND)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = (scaler(b) for b in mixing_buffer(itertools.chain(first, chunks),
@@ -173,7 +188,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list
         for log in logs:
             log.close()
     stream.finish()  # complete and publish the cache entry (a few more LM batches at most)
-    train_s = time.perf_counter() - t0 - load_s
+    train_s = time.perf_counter() - t0 - lm.load_s
 
     # ---- save each SAE on raw activations (normalization folded in), then evaluate all together
     saes = []
@@ -188,9 +203,11 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list
         saes.append(sae)
     results, skipped = [{} for _ in runs], {}
     if cfg.eval.types:
+        model = lm.get()
         n_eval_ctx = max(cfg.eval.ce_contexts, -(-cfg.eval.variance_tokens // (cfg.data.context_size - 1)))
-        eval_ctx = EvalContext(model=model, saes=saes, run_cfg=cfg, special_ids=special, progress=cfg.log.progress,
-                               eval_contexts_NT=held_out_contexts(cfg.data, tokenizer, n_eval_ctx, cfg.seed))
+        eval_ctx = EvalContext(model=model, saes=saes, run_cfg=cfg, special_ids=special_token_ids(model.tokenizer),
+                               progress=cfg.log.progress,
+                               eval_contexts_NT=held_out_contexts(cfg.data, model.tokenizer, n_eval_ctx, cfg.seed))
         results, skipped = run_evals(cfg.eval.types, eval_ctx)
     wall = time.perf_counter() - t0
 
@@ -214,9 +231,9 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list
                     "embedded_sources": cfg.data.embedded_sources if cfg.data.dataset == "embedded" else None,
                     "context_size": cfg.data.context_size, "train_tokens": stats["tokens"],
                     "seed": cfg.seed, "code_version": code_version(), "normalization_scale": scaler.scale,
-                    "activation_source": stream.source, "wall_time_s": wall, "model_load_s": load_s,
+                    "activation_source": stream.source, "wall_time_s": wall, "model_load_s": lm.load_s,
                     "train_wall_s": train_s, "train_tokens_per_s": stats["tokens_per_s"],
-                    "trainer_step_s": stats["trainer_step_s"][i], "eval_wall_s": wall - load_s - train_s,
+                    "trainer_step_s": stats["trainer_step_s"][i], "eval_wall_s": wall - lm.load_s - train_s,
                     "trainers_on_stream": [str(r.name) for r, _ in runs],
                     "started_utc": started, "command": " ".join(["python", "experiment.py", *argv]),
                     "versions": versions()},
