@@ -247,6 +247,40 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list
     return out
 
 
+def notes_line(run_dir: Path, final: dict) -> str:
+    """The run's headline for notes.txt: trainer, hyperparameters that differ from the trainer's
+    defaults, and the key metrics (n/a where an eval did not run)."""
+    import dataclasses
+
+    from trainers import TRAINERS
+    tcfg = final["run config"]["trainer"]
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                for f in dataclasses.fields(TRAINERS[tcfg["name"]].Config)}
+    hp = " ".join(f"{k}={v}" for k, v in tcfg.items() if k != "name" and defaults.get(k, object()) != v)
+
+    def get(*path):
+        node = final
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        return f"{node:.4g}" if isinstance(node, (int, float)) else "n/a"
+
+    core = ("core evaluation results", "metrics")
+    probe = get("sparse probing evaluation results", "eval_result_metrics", "sae", "sae_top_1_test_accuracy")
+    if probe == "n/a":
+        probe = get("sae_probes evaluation results", "eval_result_metrics", "sae", "sae_top_1_test_accuracy")
+    return (f"[{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')}] {run_dir}: {tcfg['name']} {hp} | "
+            f"L0 {get(*core, 'sparsity', 'l0')} EV {get(*core, 'reconstruction_quality', 'explained_variance')} "
+            f"CE {get(*core, 'model_performance_preservation', 'ce_loss_score')} "
+            f"absorption {get('absorption evaluation results', 'eval_result_metrics', 'mean', 'mean_absorption_fraction_score')} "
+            f"probe-top1 {probe}")
+
+
+def append_notes(notes: Path, lines: list[str]) -> None:
+    """Append only: the researcher's own text in notes.txt is never rewritten."""
+    with open(notes, "a") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
 def headline(final: dict) -> str:
     tr = next(v for k, v in final.items() if k.startswith("training results"))
     core = final.get("core evaluation results", {}).get("metrics", {})
@@ -257,6 +291,19 @@ def headline(final: dict) -> str:
         parts += [f"EV={rq.get('explained_variance'):.4f}", f"CE_score={mp.get('ce_loss_score'):.4f}",
                   f"L0={core['sparsity']['l0']:.1f}", f"alive={core['misc']['frac_alive']:.3f}"]
     return " ".join(parts)
+
+
+def fail(message: str, cfg: RunConfig, out_dir: Path) -> int:
+    """One line on stderr; run directories already created get failed.txt (never a final_info.json)."""
+    print(f"error: {message}", file=sys.stderr)
+    from workbench.config import sweep_runs
+    for run_dir, _ in sweep_runs(cfg, out_dir):
+        if run_dir.is_dir() and not (run_dir / FINAL_INFO).exists():
+            try:
+                (run_dir / "failed.txt").write_text(message + "\n")
+            except OSError:
+                pass  # the disk may be what failed
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,14 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         finals = run(cfg, out_dir, args.overwrite, argv)
     except (ModelLoadError, DataError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), cfg, out_dir)
     except OSError as e:
-        print(f"error: cannot write the run ({e.strerror or e}: {e.filename or out_dir}); "
-              f"free disk space or pick a writable --out_dir", file=sys.stderr)
-        return 1
+        return fail(f"cannot write the run ({e.strerror or e}: {e.filename or out_dir}); "
+                    f"free disk space or pick a writable --out_dir", cfg, out_dir)
     for run_dir, final in finals:
         print(f"done: {run_dir} {headline(final)}")
+    try:
+        append_notes(out_dir.resolve().parent / "notes.txt", [notes_line(d, f) for d, f in finals])
+    except OSError as e:  # the run itself is complete; only the log line is lost
+        print(f"warning: could not append to notes.txt ({e})", file=sys.stderr)
     return 0
 
 

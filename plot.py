@@ -1,61 +1,388 @@
-"""Aggregate run_*/final_info.json into figures (minimal for now: reconstruction and sparsity).
+"""Figures and a summary table from many runs.
 
-    python plot.py [RUN_DIR ...] [--out plots]
+    python plot.py [RUN_DIR ...] [--out DIR] [--label RUN=TEXT ...]
+
+Reads every run_*/final_info.json under the working directory (or the run directories given). Runs on
+different models or hooks are never drawn on one axis: each (model, hook) group gets its own files,
+suffixed with the group's name when there is more than one group. A run that cannot be read is named
+on screen with the reason; a missing metric leaves a gap, never a zero. Labels are the trainer plus
+the hyperparameters that differ between the runs plotted (`--label` or labels.json override them).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+TRAINING_KEY = re.compile(r"^training results for layer \d+$")
+NAN = float("nan")
 
-def load_runs(dirs: list[Path]) -> tuple[dict, list[str]]:
-    runs, problems = {}, []
-    for d in dirs:
-        f = d / "final_info.json"
-        if not f.is_file():
-            problems.append(f"{d}: no final_info.json (unfinished or failed run)")
-            continue
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    info: dict
+    config: dict
+    log: list = field(default_factory=list)
+    artifacts: dict = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def training(self) -> dict:
+        return next(v for k, v in self.info.items() if TRAINING_KEY.match(k))
+
+    @property
+    def group(self) -> tuple[str, str]:
+        prov = self.training.get("provenance", {})
+        return prov.get("model", "?"), prov.get("hook", "?")
+
+    @property
+    def trainer(self) -> str:
+        return self.config.get("trainer", {}).get("name", "?")
+
+    def metric(self, *path: str) -> float:
+        """A number from final_info.json by key path, NaN when absent (a gap in the figure)."""
+        node = self.info
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return NAN
+            node = node[key]
+        return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else NAN
+
+
+def load_run(path: Path) -> tuple[Run | None, str | None]:
+    """(run, None) or (None, reason)."""
+    f = path / "final_info.json"
+    if not f.is_file():
+        failed = path / "failed.txt"
+        why = f"failed: {failed.read_text().strip()}" if failed.is_file() else "unfinished (no final_info.json)"
+        return None, why
+    try:
+        info = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        return None, f"final_info.json is not valid JSON ({e.msg} at line {e.lineno})"
+    if not isinstance(info, dict) or not any(TRAINING_KEY.match(k) for k in info):
+        return None, "final_info.json has no 'training results for layer L' entry"
+    config = info.get("run config")
+    if not isinstance(config, dict):
+        return None, "final_info.json has no 'run config' (written by an older or other tool)"
+    run = Run(path.name, path, info, config)
+    log_path = path / "train_log.jsonl"
+    if log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            try:
+                run.log.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a truncated last line of a killed run
+    art = path / "trainer_artifacts.json"
+    if art.is_file():
         try:
-            info = json.loads(f.read_text())
-            runs[d.name] = info["core evaluation results"]["metrics"]
-        except (json.JSONDecodeError, KeyError) as e:
-            problems.append(f"{d}: unreadable final_info.json ({type(e).__name__}: {e})")
-    return runs, problems
+            run.artifacts = json.loads(art.read_text())
+        except json.JSONDecodeError:
+            return None, "trainer_artifacts.json is not valid JSON"
+    return run, None
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def auto_labels(runs: list[Run]) -> None:
+    """trainer + the hyperparameters whose values differ between these runs."""
+    flat = [flatten({k: r.config.get(k, {}) for k in ("trainer", "sae", "data", "model")}) for r in runs]
+    keys = sorted({k for f in flat for k in f})
+    differing = [k for k in keys if k != "trainer.name" and len({str(f.get(k)) for f in flat}) > 1]
+    for run, f in zip(runs, flat):
+        # only keys that the run's own trainer has (a topk run has no lambda2) are shown
+        parts = [f"{k.split('.', 1)[1]}={f[k]}" for k in differing if k in f]
+        run.label = " ".join([run.trainer] + parts) if parts else run.trainer
+    seen: dict[str, int] = {}
+    for run in runs:  # identical labels (e.g. two seeds of one setting collapsed): add the run name
+        seen[run.label] = seen.get(run.label, 0) + 1
+    for run in runs:
+        if seen[run.label] > 1:
+            run.label = f"{run.label} ({run.name})"
+
+
+# ---------------------------------------------------------------- figures
+
+def _bars(ax, runs, values, title):
+    xs = range(len(runs))
+    ax.bar(xs, [0 if math.isnan(v) else v for v in values], color=["C0" if not math.isnan(v) else "none" for v in values])
+    for x, v in zip(xs, values):
+        ax.annotate("n/a" if math.isnan(v) else f"{v:.3g}", (x, 0 if math.isnan(v) else v), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), [r.label for r in runs], rotation=30, ha="right", fontsize=8)
+    ax.set_title(title)
+
+
+def bar_figure(plt, runs, panels, title):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (name, path) in zip(axes[0], panels):
+        _bars(ax, runs, [r.metric(*path) for r in runs], name)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+CORE = "core evaluation results"
+ABS = "absorption evaluation results"
+PANELS = {
+    "absorption_comparison": [
+        ("mean absorption fraction", (ABS, "eval_result_metrics", "mean", "mean_absorption_fraction_score")),
+        ("mean full absorption", (ABS, "eval_result_metrics", "mean", "mean_full_absorption_score")),
+        ("mean split features", (ABS, "eval_result_metrics", "mean", "mean_num_split_features"))],
+    "reconstruction_quality": [
+        ("explained variance", (CORE, "metrics", "reconstruction_quality", "explained_variance")),
+        ("MSE", (CORE, "metrics", "reconstruction_quality", "mse")),
+        ("CE-loss score", (CORE, "metrics", "model_performance_preservation", "ce_loss_score"))],
+    "sparsity_metrics": [
+        ("L0", (CORE, "metrics", "sparsity", "l0")),
+        ("L1", (CORE, "metrics", "sparsity", "l1")),
+        ("alive fraction", (CORE, "metrics", "misc", "frac_alive"))],
+}
+
+
+def probing_value(run: Run, which: str) -> float:
+    """Top-1 / full SAE probing accuracy from classic sparse probing, else from sae_probes."""
+    for key in ("sparse probing evaluation results", "sae_probes evaluation results"):
+        v = run.metric(key, "eval_result_metrics", "sae", which)
+        if not math.isnan(v):
+            return v
+    return NAN
+
+
+def probing_figure(plt, runs, title):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    _bars(axes[0], runs, [probing_value(r, "sae_top_1_test_accuracy") for r in runs], "SAE top-1 probing accuracy")
+    _bars(axes[1], runs, [probing_value(r, "sae_test_accuracy") for r in runs], "SAE probing accuracy (all latents)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_figure(plt, runs, title):
+    """L0 vs explained variance and L0 vs CE-loss score, one marker (and colour) per trainer."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    trainers = sorted({r.trainer for r in runs})
+    markers = dict(zip(trainers, "osD^vP*X"))
+    for ax, (name, path) in zip(axes, [("explained variance", ("reconstruction_quality", "explained_variance")),
+                                       ("CE-loss score", ("model_performance_preservation", "ce_loss_score"))]):
+        for t in trainers:
+            pts = [(r.metric(CORE, "metrics", "sparsity", "l0"), r.metric(CORE, "metrics", *path), r)
+                   for r in runs if r.trainer == t]
+            pts = [(x, y, r) for x, y, r in pts if not (math.isnan(x) or math.isnan(y))]
+            if not pts:
+                continue
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[t], label=t, s=50)
+            for x, y, r in pts:
+                ax.annotate(r.label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("L0")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        if ax.collections:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def absorption_vs_l0_figure(plt, runs, title):
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in runs:
+        x = r.metric(CORE, "metrics", "sparsity", "l0")
+        y = r.metric(ABS, "eval_result_metrics", "mean", "mean_absorption_fraction_score")
+        if not (math.isnan(x) or math.isnan(y)):
+            ax.scatter([x], [y], label=r.label)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0")
+    ax.set_ylabel("mean absorption fraction")
+    if ax.collections:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no run has both L0 and absorption results", ha="center", transform=ax.transAxes)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(plt, runs, title):
+    keys = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_frac", "dead fraction")]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for ax, (key, name) in zip(axes, keys):
+        for r in runs:
+            pts = [(e["tokens"], e[key]) for e in r.log if e.get(key) is not None and "tokens" in e]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r.label)
+        ax.set_xlabel("training tokens")
+        ax.set_title(name)
+        if key in ("loss", "fvu"):
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def competition_figure(plt, runs, title):
+    """Momentum / progressive statistics over training: penalty share, pairs, trainer-specific series."""
+    series = [("penalty_share", "penalty share of the loss"), ("cofiring_pairs", "co-firing pairs per batch"),
+              ("frac_w2", "momentum: fraction with w = 2"), ("momentum_mean", "momentum: mean m"),
+              ("pairs_c_pos", "progressive: pairs with c > 0"), ("lambda2", "progressive: lambda2(p)")]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    for ax, (key, name) in zip(axes.flat, series):
+        for r in runs:
+            pts = [(e["tokens"], e[key]) for e in r.log if e.get(key) is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r.label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("training tokens")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def separation_figure(plt, runs, title):
+    """Histograms of |cos| over co-firing pairs at 25/50/75/100% of training, per progressive run."""
+    runs = [r for r in runs if r.artifacts.get("separation_progression")]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], runs):
+        for snap in r.artifacts["separation_progression"]:
+            edges, counts = snap["bin_edges"], snap["counts"]
+            total = sum(counts) or 1
+            ax.step(edges[:-1], [c / total for c in counts], where="post",
+                    label=f"{snap['progress']:.0%}: mean max|cos| {snap['mean_max_abs_cosine']:.3f}")
+        ax.set_xlabel("|cos(d_i, d_j)| over co-firing pairs")
+        ax.set_ylabel("fraction of pairs")
+        ax.set_title(r.label, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def momentum_figure(plt, runs, title):
+    runs = [r for r in runs if r.artifacts.get("momentum_final")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        ax.hist(r.artifacts["momentum_final"], bins=60, histtype="step", label=r.label)
+        ax.axvline(r.artifacts.get("tau", NAN), ls="--", lw=0.8)
+    ax.set_xlabel("final momentum m_i (dashed: tau)")
+    ax.set_ylabel("latents")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- summary
+
+SUMMARY_COLUMNS = [
+    ("L0", (CORE, "metrics", "sparsity", "l0")),
+    ("EV", (CORE, "metrics", "reconstruction_quality", "explained_variance")),
+    ("MSE", (CORE, "metrics", "reconstruction_quality", "mse")),
+    ("CE score", (CORE, "metrics", "model_performance_preservation", "ce_loss_score")),
+    ("KL score", (CORE, "metrics", "model_behavior_preservation", "kl_div_score")),
+    ("alive", (CORE, "metrics", "misc", "frac_alive")),
+    ("absorption", (ABS, "eval_result_metrics", "mean", "mean_absorption_fraction_score")),
+]
+
+
+def summary_markdown(groups: dict) -> str:
+    lines = ["# Run summary", ""]
+    for (model, hook), runs in groups.items():
+        lines += [f"## {model} / {hook}", "",
+                  "| run | label | " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " | top-1 probe | tokens |",
+                  "|---|---|" + "---|" * (len(SUMMARY_COLUMNS) + 2)]
+        for r in runs:
+            vals = [r.metric(*p) for _, p in SUMMARY_COLUMNS] + [probing_value(r, "sae_top_1_test_accuracy")]
+            cells = ["n/a" if math.isnan(v) else f"{v:.4g}" for v in vals]
+            lines.append(f"| {r.name} | {r.label} | " + " | ".join(cells) +
+                         f" | {r.training.get('provenance', {}).get('train_tokens', 'n/a')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="*", type=Path)
-    p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("runs", nargs="*", type=Path, help="run directories (default: ./run_*)")
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for the figures and summary.md")
+    p.add_argument("--label", action="append", default=[], metavar="RUN=TEXT", help="override a run's label")
     args = p.parse_args(argv)
-    dirs = args.runs or sorted(Path(".").glob("run_*"))
-    runs, problems = load_runs(dirs)
-    for msg in problems:
-        print(f"skipped {msg}", file=sys.stderr)
+    dirs = args.runs or sorted(d for d in Path(".").glob("run_*") if d.is_dir())
+    runs, problems = [], []
+    for d in dirs:
+        run, why = load_run(d)
+        if run is None:
+            problems.append((d, why))
+        else:
+            runs.append(run)
+    for d, why in problems:
+        print(f"skipped {d}: {why}", file=sys.stderr)
     if not runs:
-        print("no finished runs found (looked for run_*/final_info.json)", file=sys.stderr)
+        print("no readable runs (looked for run_*/final_info.json)", file=sys.stderr)
         return 1
+    labels = {}
+    if (Path(".") / "labels.json").is_file():
+        labels.update(json.loads((Path(".") / "labels.json").read_text()))
+    for item in args.label:
+        name, _, text = item.partition("=")
+        labels[name] = text
+
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(runs)
-    panels = [("reconstruction_quality.png", [("reconstruction_quality", "explained_variance"), ("reconstruction_quality", "mse")]),
-              ("sparsity_metrics.png", [("sparsity", "l0"), ("sparsity", "l1")])]
     args.out.mkdir(parents=True, exist_ok=True)
-    for fname, metrics in panels:
-        fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
-        for ax, (group, key) in zip(axes, metrics):
-            vals = [runs[n].get(group, {}).get(key) for n in names]
-            ax.bar(range(len(names)), [v if v is not None else float("nan") for v in vals])
-            ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-            ax.set_title(key)
-        fig.tight_layout()
-        fig.savefig(args.out / fname, dpi=120)
-        plt.close(fig)
-        print(f"wrote {args.out / fname}")
+    written = []
+    for (model, hook), members in groups.items():
+        auto_labels(members)
+        for r in members:
+            r.label = labels.get(r.name, r.label)
+        suffix = "" if len(groups) == 1 else f"__{slug(model)}__{slug(hook)}"
+        title = f"{model}  {hook}"
+        figures = {name: bar_figure(plt, members, panels, title) for name, panels in PANELS.items()}
+        figures["sparse_probing_accuracy"] = probing_figure(plt, members, title)
+        figures["pareto_l0"] = pareto_figure(plt, members, title)
+        figures["absorption_vs_l0"] = absorption_vs_l0_figure(plt, members, title)
+        figures["training_curves"] = curves_figure(plt, members, title)
+        if any(r.trainer in ("momentum", "progressive") for r in members):
+            figures["competition_stats"] = competition_figure(plt, [r for r in members if r.trainer in ("momentum", "progressive")], title)
+        if any(r.artifacts.get("separation_progression") for r in members):
+            figures["separation_progression"] = separation_figure(plt, members, title)
+        if any(r.artifacts.get("momentum_final") for r in members):
+            figures["momentum_distribution"] = momentum_figure(plt, members, title)
+        for name, fig in figures.items():
+            path = args.out / f"{name}{suffix}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    (args.out / "summary.md").write_text(summary_markdown(groups))
+    print(f"plotted {len(runs)} run(s) in {len(groups)} group(s): {', '.join(str(w) for w in written)}; "
+          f"table in {args.out / 'summary.md'}")
     return 0
 
 

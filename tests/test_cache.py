@@ -75,3 +75,20 @@ def test_key_covers_every_part():
         keys.add(cache_key({**base, k: v}))
     assert len(keys) == 7
     assert cache_key(dict(reversed(list(base.items())))) == cache_key(base)
+
+
+def test_atomic_write_never_leaves_half_a_file(tmp_path, monkeypatch):
+    import os
+
+    from workbench.runio import atomic_write_json
+    target = tmp_path / "final_info.json"
+    atomic_write_json(target, {"a": 1})
+
+    def broken_replace(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write_json(target, {"a": 2, "b": float("inf")})
+    assert json.loads(target.read_text()) == {"a": 1}  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["final_info.json"]  # no temp debris

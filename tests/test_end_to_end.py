@@ -67,6 +67,9 @@ def test_run_directory_contents(topk_run):
     # even 32 steps must learn something real: better than the mean, and the model mostly preserved
     assert 0.3 < core["reconstruction_quality"]["explained_variance"] < 1
     assert 0.2 < core["model_performance_preservation"]["ce_loss_score"] <= 1
+    notes = (topk_run.parent / "notes.txt").read_text()
+    ev = core["reconstruction_quality"]["explained_variance"]
+    assert f"run_topk: topk k=16" in notes and f"EV {ev:.4g}" in notes
     log = [json.loads(line) for line in (topk_run / "train_log.jsonl").read_text().splitlines()]
     assert {"step", "tokens", "loss", "loss_recon", "loss_auxk", "l0", "fvu", "dead_frac", "lr"} <= set(log[0])
     assert log[-1]["step"] == 31 and log[-1]["fvu"] < log[0]["fvu"]
@@ -133,3 +136,35 @@ def test_sweep_trains_several_saes_on_one_stream(topk_run, cache_dir, tmp_path):
     art = json.loads((mom / "trainer_artifacts.json").read_text())
     assert len(art["momentum_final"]) == 512
     assert "sweep" not in (mom / "config.toml").read_text()
+
+
+def test_nan_stops_the_run_naming_the_step(topk_run, cache_dir, tmp_path, capsys):
+    """A diverging run (absurd lr, warm cache so no LM is needed) exits 1 naming the step, and leaves
+    no final_info.json, only failed.txt."""
+    out = tmp_path / "run_nan"
+    rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart.toml",
+                          *sets(TINY + ["trainer.k=16", f"cache.dir='{cache_dir}'", "eval.types=[]",
+                                        "trainer.lr=1e30", "trainer.warmup_steps=0", "trainer.grad_clip=0.0"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "at step" in err[0] and "trainer.lr" in err[0]
+    assert not (out / "final_info.json").exists() and "at step" in (out / "failed.txt").read_text()
+
+
+def test_write_failure_leaves_no_final_info(topk_run, cache_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import workbench.runio as runio
+    real = runio.atomic_write_json
+
+    def disk_full(path, obj):
+        if str(path).endswith("final_info.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, obj)
+
+    monkeypatch.setattr(runio, "atomic_write_json", disk_full)
+    out = tmp_path / "run_full"
+    rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart.toml",
+                          *sets(TINY + ["trainer.k=16", f"cache.dir='{cache_dir}'", "eval.types=[]"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "No space left on device" in err[0] and "free disk space" in err[0]
+    assert not (out / "final_info.json").exists()

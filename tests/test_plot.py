@@ -1,0 +1,110 @@
+"""plot.py: bad runs are named with their reason; the Pareto points are the runs' own numbers;
+groups by model/hook; labels from differing hyperparameters; missing metrics are gaps."""
+import json
+import math
+
+import pytest
+
+import plot
+
+
+def make_run(root, name, trainer="topk", l0=32.0, ev=0.9, ce=0.95, model="gemma-3-270m",
+             hook="blocks.6.hook_resid_post", extra_trainer=None, core=True):
+    d = root / name
+    d.mkdir()
+    tcfg = {"name": trainer, "k": int(l0), "lr": 1e-3, **(extra_trainer or {})}
+    info = {"training results for layer 6": {"config": {}, "final_info": {},
+                                             "provenance": {"model": model, "hook": hook, "train_tokens": 1000}},
+            "run config": {"trainer": tcfg, "sae": {"d_sae": 2048}, "model": {"name": model, "hook": hook}}}
+    if core:
+        info["core evaluation results"] = {"metrics": {
+            "sparsity": {"l0": l0, "l1": 10.0}, "reconstruction_quality": {"explained_variance": ev, "mse": 1.0},
+            "model_performance_preservation": {"ce_loss_score": ce}, "misc": {"frac_alive": 0.9}}}
+    (d / "final_info.json").write_text(json.dumps(info))
+    (d / "train_log.jsonl").write_text("\n".join(json.dumps({"step": s, "tokens": s * 100, "loss": 10 - s,
+                                                             "fvu": 0.5, "l0": l0, "dead_frac": 0.0})
+                                                 for s in range(5)) + "\n")
+    return d
+
+
+def test_bad_runs_are_each_named_with_a_reason(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path, "run_1")
+    (tmp_path / "run_2").mkdir()                                   # unfinished
+    (tmp_path / "run_3").mkdir()
+    (tmp_path / "run_3" / "final_info.json").write_text("{\"training results")   # truncated JSON
+    (tmp_path / "run_4").mkdir()
+    (tmp_path / "run_4" / "final_info.json").write_text(json.dumps({"core evaluation results": {}}))  # partial
+    (tmp_path / "run_5").mkdir()
+    (tmp_path / "run_5" / "failed.txt").write_text("loss is nan at step 7\n")
+    d6 = make_run(tmp_path, "run_6")
+    info = json.loads((d6 / "final_info.json").read_text())
+    del info["run config"]
+    (d6 / "final_info.json").write_text(json.dumps(info))
+    assert plot.main(["--out", str(tmp_path / "figs")]) == 0
+    err = capsys.readouterr().err
+    assert "run_2: unfinished" in err
+    assert "run_3: final_info.json is not valid JSON" in err
+    assert "run_4: final_info.json has no 'training results" in err
+    assert "run_5: failed: loss is nan at step 7" in err
+    assert "run_6: final_info.json has no 'run config'" in err
+    assert "run_1" not in err
+    assert (tmp_path / "figs" / "pareto_l0.png").is_file() and (tmp_path / "figs" / "summary.md").is_file()
+
+
+def test_pareto_points_equal_final_info_numbers(tmp_path):
+    runs = []
+    for i, (t, l0, ev, ce) in enumerate([("topk", 32, 0.93, 0.94), ("topk", 64, 0.95, 0.96),
+                                         ("relu", 75, 0.936, 0.937), ("momentum", 32, 0.931, 0.93)]):
+        run, why = plot.load_run(make_run(tmp_path, f"run_{i}", t, l0, ev, ce))
+        runs.append(run)
+    plot.auto_labels(runs)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = plot.pareto_figure(plt, runs, "t")
+    for ax, key in zip(fig.axes, ("explained_variance", "ce_loss_score")):
+        plotted = sorted(tuple(map(float, xy)) for coll in ax.collections for xy in coll.get_offsets())
+        expected = []
+        for r in runs:
+            info = json.loads((r.path / "final_info.json").read_text())["core evaluation results"]["metrics"]
+            group = "reconstruction_quality" if key == "explained_variance" else "model_performance_preservation"
+            expected.append((info["sparsity"]["l0"], info[group][key]))
+        assert plotted == sorted(expected)
+        assert {c.get_label() for c in ax.collections} == {"topk", "relu", "momentum"}  # one marker per trainer
+    plt.close(fig)
+
+
+def test_groups_labels_and_gaps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path, "run_a", "topk", 32)
+    make_run(tmp_path, "run_b", "topk", 64)
+    make_run(tmp_path, "run_c", "momentum", 32, extra_trainer={"lambda2": 0.1})
+    make_run(tmp_path, "run_d", "topk", 32, model="google/gemma-2-2b", hook="blocks.12.hook_resid_post", core=False)
+    assert plot.main(["--out", "figs", "--label", "run_b=wide k"]) == 0
+    names = {p.name for p in (tmp_path / "figs").iterdir()}
+    assert "pareto_l0__gemma-3-270m__blocks.6.hook_resid_post.png" in names
+    assert "pareto_l0__google-gemma-2-2b__blocks.12.hook_resid_post.png" in names
+    summary = (tmp_path / "figs" / "summary.md").read_text()
+    assert "| run_a | topk k=32 |" in summary and "| run_b | wide k |" in summary
+    assert "| run_c | momentum k=32 lambda2=0.1 |" in summary
+    row_d = next(line for line in summary.splitlines() if line.startswith("| run_d"))
+    assert row_d.count("n/a") == 8  # no core results: every metric a gap, never a zero
+    run, _ = plot.load_run(tmp_path / "run_d")
+    assert math.isnan(run.metric("core evaluation results", "metrics", "sparsity", "l0"))
+
+
+def test_notes_are_appended_never_rewritten(tmp_path):
+    import experiment
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my own hypothesis: momentum helps absorption\n")
+    final = {"run config": {"trainer": {"name": "topk", "k": 64, "lr": 0.0}},
+             "core evaluation results": {"metrics": {"sparsity": {"l0": 64.0},
+                                                     "reconstruction_quality": {"explained_variance": 0.95},
+                                                     "model_performance_preservation": {"ce_loss_score": 0.97}}}}
+    line = experiment.notes_line(tmp_path / "run_9", final)
+    experiment.append_notes(notes, [line])
+    text = notes.read_text()
+    assert text.startswith("my own hypothesis: momentum helps absorption\n")
+    assert "run_9: topk k=64 |" in text and "lr=" not in line  # only non-default hyperparameters
+    assert "L0 64 EV 0.95 CE 0.97 absorption n/a probe-top1 n/a" in text
