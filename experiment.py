@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import shutil
 import sys
@@ -33,6 +34,21 @@ def parse_args(argv):
                    help="override a config key, e.g. --set trainer.k=64 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in out_dir")
     return p.parse_args(argv)
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def resumable(out_dir: Path) -> bool:
+    return (out_dir / CHECKPOINT).is_file() and not (out_dir / FINAL_INFO).exists()
+
+
+def load_checkpoint(out_dir: Path) -> dict:
+    try:
+        return torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    except Exception as e:  # a torn or foreign file: say so, never guess
+        raise ConfigError(f"--out_dir '{out_dir}' has an unreadable {CHECKPOINT} ({type(e).__name__}); "
+                          f"pass --overwrite to start the run over") from None
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -80,7 +96,7 @@ class ActivationStream:
     """The run's activation chunks (float32, harvest order): read from the cache when a complete entry
     exists for this key, else produced by the LM (and stored when caching is on)."""
 
-    def __init__(self, cfg: RunConfig, lm: LazyLM, device):
+    def __init__(self, cfg: RunConfig, lm: LazyLM, device, skip_chunks: int = 0):
         from workbench.activations import harvest
         from workbench.cache import ActivationCache, cache_key
         from workbench.lm import cache_root, special_token_ids
@@ -101,17 +117,19 @@ class ActivationStream:
         meta = self.cache.load_meta(self.key) if cfg.cache.enabled else None
         if meta is not None:
             self.source = f"cache:{self.key}"
-            self.chunks = self.cache.read(self.key, meta, device)
+            self.chunks = itertools.islice(self.cache.read(self.key, meta, device), skip_chunks, None)
             return
         self.source = "lm"
         self.epochs = [0]
         model = lm.get()
         special = special_token_ids(model.tokenizer)
         contexts = context_windows(train_texts(cfg, self.epochs), model.tokenizer, d.context_size)
+        # a resumed run skips the contexts behind the chunks it already consumed, without running the LM
+        contexts = itertools.islice(contexts, skip_chunks * d.llm_batch_size, None)
         self._raw = harvest(model, contexts, cfg.model.hook, cfg.model.layer, d.llm_batch_size, special, out_device=device)
         self.chunks = self._raw
         bytes_needed = self.n_tokens * model.cfg.d_model * (2 if cfg.model.dtype != "float32" else 4)
-        if cfg.cache.enabled and bytes_needed <= self.cache.max_bytes:
+        if cfg.cache.enabled and skip_chunks == 0 and bytes_needed <= self.cache.max_bytes:
             store = torch.float32 if cfg.model.dtype == "float32" else getattr(torch, cfg.model.dtype)
             self.writer = self.cache.writer(self.key, self.n_tokens, describe, store)
             self.chunks = self.writer.wrap(self._raw)
@@ -132,12 +150,13 @@ def versions() -> dict:
     return out
 
 
-def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list[tuple[Path, dict]]:
+def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: dict | None = None
+        ) -> list[tuple[Path, dict]]:
     """Train the config's trainer (and its sweep entries) on one activation stream; evaluate; write
-    one run directory per trainer. Returns [(run_dir, final_info)]."""
+    one run directory per trainer. Returns [(run_dir, final_info)]. With ckpt, continue that run."""
     from evals import EvalContext, run_evals
     from trainers import make_trainer
-    from workbench.activations import ActivationScaler, mixing_buffer
+    from workbench.activations import ActivationScaler, MixingBuffer
     from workbench.config import sweep_runs
     from workbench.lm import resolve_device, special_token_ids
     from workbench.runio import JsonlLog, atomic_write_json, atomic_write_text, code_version
@@ -152,30 +171,54 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list
     lm = LazyLM(cfg)
 
     # ---- activations: from the cache when a previous run stored this stream, else from the LM
-    stream = ActivationStream(cfg, lm, device)
-    chunks = stream.chunks
-    first, n_first = [], 0
-    while n_first < cfg.data.norm_tokens:  # the scale is estimated on the first tokens, which then train too
-        first.append(next(chunks))
-        n_first += first[-1].shape[0]
-    first_ND = torch.cat(first)
-    d_in = first_ND.shape[1]
-    scaler = ActivationScaler.estimate(first_ND)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batches = (scaler(b) for b in mixing_buffer(itertools.chain(first, chunks),
-                                                cfg.data.buffer_batches * cfg.sae.batch_size, cfg.sae.batch_size, gen))
-
-    # ---- run directories: created only once the model and data are known to work
+    mixbuf = MixingBuffer(cfg.data.buffer_batches * cfg.sae.batch_size, cfg.sae.batch_size,
+                          torch.Generator().manual_seed(cfg.seed))
     runs = sweep_runs(cfg, out_dir)
-    for run_dir, run_cfg in runs:
-        if overwrite and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.toml", to_toml(config_to_dict(run_cfg)))
+    if ckpt is None:
+        stream = ActivationStream(cfg, lm, device)
+        chunks = stream.chunks
+        first, n_first = [], 0
+        while n_first < cfg.data.norm_tokens:  # the scale is estimated on the first tokens, which then train too
+            first.append(next(chunks))
+            n_first += first[-1].shape[0]
+        first_ND = torch.cat(first)
+        d_in, scaler = first_ND.shape[1], ActivationScaler.estimate(first_ND)
+        init_acts = scaler(first_ND)
+        batches = (scaler(b) for b in mixbuf.batches(itertools.chain(first, chunks)))
+        # ---- run directories: created only once the model and data are known to work
+        for run_dir, run_cfg in runs:
+            if overwrite and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.toml", to_toml(config_to_dict(run_cfg)))
+    else:
+        mixbuf.load_state_dict(ckpt["buffer"])
+        stream = ActivationStream(cfg, lm, device, skip_chunks=mixbuf.chunks_consumed)
+        d_in, scaler = ckpt["d_in"], ActivationScaler(ckpt["scale"])
+        init_acts = torch.zeros(1, d_in)  # overwritten by the checkpoint's weights
+        batches = (scaler(b) for b in mixbuf.batches(stream.chunks))
+        for run_dir, _ in runs:  # drop log lines written after the checkpoint
+            log_path = run_dir / "train_log.jsonl"
+            if log_path.is_file():
+                kept = [line for line in log_path.read_text().splitlines()
+                        if line.strip() and _step_of(line) < ckpt["loop"]["next_step"]]
+                atomic_write_text(log_path, "".join(line + "\n" for line in kept))
     trainers = [make_trainer(run_cfg.trainer, d_in=d_in, d_sae=cfg.sae.d_sae, total_steps=cfg.total_steps,
-                             total_tokens=cfg.total_steps * cfg.sae.batch_size, init_acts_BD=scaler(first_ND),
+                             total_tokens=cfg.total_steps * cfg.sae.batch_size, init_acts_BD=init_acts,
                              seed=cfg.seed, device=device) for _, run_cfg in runs]
-    del first_ND
+    if ckpt is not None:
+        for trainer, state in zip(trainers, ckpt["trainers"]):
+            trainer.load_state_dict(state)
+    del init_acts
+
+    def save_checkpoint(loop_state: dict) -> None:
+        """Everything a resumed run needs to continue bit for bit; written atomically."""
+        state = {"version": 1, "cfg": cfg, "d_in": d_in, "scale": scaler.scale, "loop": loop_state,
+                 "buffer": mixbuf.state_dict(), "trainers": [t.state_dict() for t in trainers]}
+        tmp = out_dir / f".{CHECKPOINT}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, out_dir / CHECKPOINT)
+
     wandb_run = None
     if cfg.log.wandb:
         import wandb
@@ -183,7 +226,8 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list
     logs = [JsonlLog(run_dir / "train_log.jsonl") for run_dir, _ in runs]
     try:
         stats = train(trainers, batches, cfg.total_steps, cfg.sae.batch_size, logs, cfg.log.every_steps,
-                      progress=cfg.log.progress, wandb_run=wandb_run)
+                      progress=cfg.log.progress, wandb_run=wandb_run, resume=ckpt["loop"] if ckpt else None,
+                      checkpoint=save_checkpoint, checkpoint_every=cfg.log.checkpoint_every)
     finally:
         for log in logs:
             log.close()
@@ -231,7 +275,8 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list
                     "embedded_sources": cfg.data.embedded_sources if cfg.data.dataset == "embedded" else None,
                     "context_size": cfg.data.context_size, "train_tokens": stats["tokens"],
                     "seed": cfg.seed, "code_version": code_version(), "normalization_scale": scaler.scale,
-                    "activation_source": stream.source, "wall_time_s": wall, "model_load_s": lm.load_s,
+                    "activation_source": stream.source, "resumed_from_step": ckpt["loop"]["next_step"] if ckpt else None,
+                    "wall_time_s": wall, "model_load_s": lm.load_s,
                     "train_wall_s": train_s, "train_tokens_per_s": stats["tokens_per_s"],
                     "trainer_step_s": stats["trainer_step_s"][i], "eval_wall_s": wall - lm.load_s - train_s,
                     "trainers_on_stream": [str(r.name) for r, _ in runs],
@@ -244,7 +289,15 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str]) -> list
         }
         atomic_write_json(run_dir / FINAL_INFO, final)
         out.append((run_dir, final))
+    (out_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: final_info.json and sae/ are the result
     return out
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a torn last line of a killed run: dropped
 
 
 def notes_line(run_dir: Path, final: dict) -> str:
@@ -310,11 +363,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
+    ckpt = None
     try:
-        cfg = load_config(args.config, args.set)
-        from workbench.config import sweep_runs
-        for run_dir, _ in sweep_runs(cfg, out_dir):
-            check_out_dir(run_dir, args.overwrite)
+        if resumable(out_dir) and not args.overwrite:
+            ckpt = load_checkpoint(out_dir)
+            cfg = ckpt["cfg"]
+            if args.config or args.set:
+                asked = load_config(args.config, args.set)
+                if config_to_dict(asked) != config_to_dict(cfg) or asked.sweep != cfg.sweep:
+                    raise ConfigError(f"--out_dir '{out_dir}' holds an unfinished run with another config; "
+                                      f"run without --config/--set to resume it, or pass --overwrite to start over")
+            print(f"resuming {out_dir} from step {ckpt['loop']['next_step']} of {cfg.total_steps}", file=sys.stderr)
+        else:
+            cfg = load_config(args.config, args.set)
+            from workbench.config import sweep_runs
+            for run_dir, _ in sweep_runs(cfg, out_dir):
+                check_out_dir(run_dir, args.overwrite)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -322,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.text import DataError
     from workbench.training import TrainingDiverged
     try:
-        finals = run(cfg, out_dir, args.overwrite, argv)
+        finals = run(cfg, out_dir, args.overwrite, argv, ckpt)
     except (ModelLoadError, DataError, TrainingDiverged) as e:
         return fail(str(e), cfg, out_dir)
     except OSError as e:

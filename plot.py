@@ -103,7 +103,8 @@ def auto_labels(runs: list[Run]) -> None:
     """trainer + the hyperparameters whose values differ between these runs."""
     flat = [flatten({k: r.config.get(k, {}) for k in ("trainer", "sae", "data", "model")}) for r in runs]
     keys = sorted({k for f in flat for k in f})
-    differing = [k for k in keys if k != "trainer.name" and len({str(f.get(k)) for f in flat}) > 1]
+    # a key is shown when the runs that have it disagree on it (a topk run has no lambda2 to show)
+    differing = [k for k in keys if k != "trainer.name" and len({str(f[k]) for f in flat if k in f}) > 1]
     for run, f in zip(runs, flat):
         # only keys that the run's own trainer has (a topk run has no lambda2) are shown
         parts = [f"{k.split('.', 1)[1]}={f[k]}" for k in differing if k in f]
@@ -219,6 +220,12 @@ def absorption_vs_l0_figure(plt, runs, title):
     return fig
 
 
+def _token_axis(ax):
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.xaxis.set_major_formatter(EngFormatter())
+
+
 def curves_figure(plt, runs, title):
     keys = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_frac", "dead fraction")]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
@@ -228,6 +235,7 @@ def curves_figure(plt, runs, title):
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r.label)
         ax.set_xlabel("training tokens")
+        _token_axis(ax)
         ax.set_title(name)
         if key in ("loss", "fvu"):
             ax.set_yscale("log")
@@ -250,6 +258,7 @@ def competition_figure(plt, runs, title):
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r.label)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("training tokens")
+        _token_axis(ax)
         if ax.lines:
             ax.legend(fontsize=7)
     fig.suptitle(title)

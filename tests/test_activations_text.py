@@ -62,3 +62,22 @@ def test_split_embedded_formats():
     assert split_embedded("wiki", '<doc id="1">A\nB</doc>\n<doc id="2"> C </doc>') == ["A\nB", "C"]
     assert split_embedded("tiny", "one<|endoftext|>\ntwo\n<|endoftext|>") == ["one", "two"]
     assert split_embedded("c4", "a\n\nb\n") == ["a", "b"]
+
+
+def test_mixing_buffer_state_round_trip_resumes_exactly():
+    import copy
+
+    from workbench.activations import MixingBuffer
+    chunks = list(torch.randn(2000, 4).split(70))
+    whole = list(MixingBuffer(300, 32, torch.Generator().manual_seed(1)).batches(iter(chunks)))
+    for stop in (1, 5, 17, 40):
+        mb = MixingBuffer(300, 32, torch.Generator().manual_seed(1))
+        it = mb.batches(iter(chunks))
+        head = [next(it) for _ in range(stop)]
+        state = copy.deepcopy(mb.state_dict())
+        fresh = MixingBuffer(300, 32, torch.Generator())
+        fresh.load_state_dict(state)
+        tail = list(fresh.batches(iter(chunks[state["chunks_consumed"]:])))
+        assert len(head) + len(tail) == len(whole)
+        for a, b in zip(head + tail, whole):
+            assert torch.equal(a, b)

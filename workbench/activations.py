@@ -42,35 +42,66 @@ def harvest(model, contexts: Iterable[torch.Tensor], hook: str, layer: int, llm_
         yield acts_BTD[keep_BT].to(device=out_device, dtype=torch.float32)
 
 
+class MixingBuffer:
+    """Shuffled (batch_size, D) batches from a stream of chunks. The buffer fills to buffer_tokens, is
+    shuffled, and its first half is emitted while the second half stays to mix with fresh tokens
+    (SAELens's scheme). Every input token is emitted exactly once; a final remainder smaller than a
+    batch is dropped. Its whole state (buffer, pending chunks, RNG, chunks consumed) is a checkpoint."""
+
+    def __init__(self, buffer_tokens: int, batch_size: int, generator: torch.Generator):
+        self.buffer_tokens, self.batch_size, self.generator = buffer_tokens, batch_size, generator
+        self.buf: torch.Tensor | None = None   # mixed tokens kept back
+        self.pending: list[torch.Tensor] = []  # fresh chunks not yet mixed
+        self.out: torch.Tensor | None = None   # shuffled tokens being emitted
+        self.out_pos = 0
+        self.chunks_consumed = 0
+
+    def _shuffled(self, x: torch.Tensor) -> torch.Tensor:
+        return x[torch.randperm(x.shape[0], generator=self.generator).to(x.device)]
+
+    def _have(self) -> int:
+        return sum(c.shape[0] for c in self.pending) + (0 if self.buf is None else self.buf.shape[0])
+
+    def batches(self, chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        bs = self.batch_size
+        while True:
+            if self.out is not None and self.out_pos + bs <= self.out.shape[0]:
+                self.out_pos += bs
+                yield self.out[self.out_pos - bs:self.out_pos]
+                continue
+            self.out, self.out_pos = None, 0
+            exhausted = False
+            while self._have() < self.buffer_tokens:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                self.pending.append(chunk)
+                self.chunks_consumed += 1
+            mixed = self._shuffled(torch.cat(([self.buf] if self.buf is not None else []) + self.pending)) \
+                if self._have() else None
+            self.pending = []
+            if mixed is None or mixed.shape[0] < bs:
+                return
+            if exhausted:  # emit every whole batch that is left
+                self.out, self.buf = mixed[: mixed.shape[0] // bs * bs], None
+            else:
+                n_out = (mixed.shape[0] // 2) // bs * bs or mixed.shape[0] // bs * bs
+                self.out, self.buf = mixed[:n_out], mixed[n_out:]
+
+    def state_dict(self) -> dict:
+        return {"buf": self.buf, "pending": self.pending, "out": self.out, "out_pos": self.out_pos,
+                "chunks_consumed": self.chunks_consumed, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buf, self.pending, self.out = state["buf"], list(state["pending"]), state["out"]
+        self.out_pos, self.chunks_consumed = state["out_pos"], state["chunks_consumed"]
+        self.generator.set_state(state["generator"])
+
+
 def mixing_buffer(chunks: Iterable[torch.Tensor], buffer_tokens: int, batch_size: int,
                   generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Yield shuffled (batch_size, D) batches. The buffer fills to buffer_tokens, is shuffled, and its
-    first half is emitted while the second half stays to mix with fresh tokens (SAELens's scheme).
-    Every input token is emitted exactly once; a final remainder smaller than a batch is dropped."""
-    buf: torch.Tensor | None = None
-    pending: list[torch.Tensor] = []
-    n_pending = 0
-
-    def shuffled(x: torch.Tensor) -> torch.Tensor:
-        return x[torch.randperm(x.shape[0], generator=generator).to(x.device)]
-
-    for chunk in chunks:
-        pending.append(chunk)
-        n_pending += chunk.shape[0]
-        have = n_pending + (0 if buf is None else buf.shape[0])
-        if have < buffer_tokens:
-            continue
-        buf = shuffled(torch.cat(([buf] if buf is not None else []) + pending))
-        pending, n_pending = [], 0
-        n_out = (buf.shape[0] // 2) // batch_size * batch_size or buf.shape[0] // batch_size * batch_size
-        for i in range(0, n_out, batch_size):
-            yield buf[i:i + batch_size]
-        buf = buf[n_out:]
-    rest = torch.cat(([buf] if buf is not None else []) + pending) if (buf is not None or pending) else None
-    if rest is not None and rest.shape[0] >= batch_size:
-        rest = shuffled(rest)
-        for i in range(0, rest.shape[0] // batch_size * batch_size, batch_size):
-            yield rest[i:i + batch_size]
+    return MixingBuffer(buffer_tokens, batch_size, generator).batches(iter(chunks))
 
 
 @dataclass

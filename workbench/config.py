@@ -82,6 +82,7 @@ class CacheConfig:
 @dataclass
 class LogConfig:
     every_steps: int = param(10, "training-log (JSONL) interval in steps")
+    checkpoint_every: int = param(200, "steps between checkpoints that an interrupted run resumes from (0 = none)")
     progress: bool = param(True, "show progress bars")
     wandb: bool = param(False, "also log to Weights & Biases (never required)")
     wandb_project: str = param("sae-workbench", "wandb project name")
@@ -277,6 +278,7 @@ def validate(cfg: RunConfig) -> None:
     _check(not unknown, "eval.types", f"names unknown evaluation(s) {unknown}; known: {sorted(EVALS)}")
     _check(cfg.cache.max_gb > 0, "cache.max_gb", "must be > 0")
     _check(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
+    _check(cfg.log.checkpoint_every >= 0, "log.checkpoint_every", "must be >= 0 (0 = no checkpoints)")
     cfg.trainer.validate(cfg)
     for label, trainer in cfg.sweep:
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from typing import Iterable, Sequence
 
@@ -11,6 +13,10 @@ from tqdm.auto import tqdm
 
 from trainers.base import StepOutput, Trainer
 from workbench.runio import JsonlLog
+
+
+# Fault injection for the resume tests: the process SIGKILLs itself right after this step completes.
+KILL_AT_STEP = int(os.environ.get("SAE_WB_KILL_AT_STEP", "-1"))
 
 
 class TrainingDiverged(RuntimeError):
@@ -40,13 +46,18 @@ def check_finite(trainer: Trainer, out: StepOutput, step: int) -> None:
 
 
 def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_steps: int, batch_size: int,
-          logs: Sequence[JsonlLog], every_steps: int, progress: bool = True, wandb_run=None) -> dict:
-    """Step every trainer on every batch. Returns throughput numbers for the run's provenance."""
-    bar = tqdm(total=total_steps * batch_size, unit="tok", unit_scale=True, desc="train", disable=not progress,
-               dynamic_ncols=True)
-    start, step = time.perf_counter(), 0
-    last_loss = [math.nan] * len(trainers)
-    step_s = [0.0] * len(trainers)  # time inside each trainer's steps: the marginal cost of a sweep entry
+          logs: Sequence[JsonlLog], every_steps: int, progress: bool = True, wandb_run=None,
+          resume: dict | None = None, checkpoint=None, checkpoint_every: int = 0) -> dict:
+    """Step every trainer on every batch. Returns throughput numbers for the run's provenance.
+
+    checkpoint(loop_state) is called after every checkpoint_every-th step; resume is such a loop_state."""
+    resume = resume or {}
+    step = resume.get("next_step", 0)
+    bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit="tok", unit_scale=True,
+               desc="train", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter() - resume.get("elapsed_s", 0.0)
+    last_loss = list(resume.get("last_loss", [math.nan] * len(trainers)))
+    step_s = list(resume.get("step_s", [0.0] * len(trainers)))  # time in each trainer's steps: a sweep entry's cost
     for batch_BD in batches:
         if step >= total_steps:
             break
@@ -66,6 +77,11 @@ def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_st
                     wandb_run.log({f"{trainer.name}_{i}/{k}": v for k, v in rec.items()}, step=step)
         step += 1
         bar.update(batch_size)
+        if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
+            checkpoint({"next_step": step, "elapsed_s": time.perf_counter() - start, "last_loss": last_loss,
+                        "step_s": step_s})
+        if step == KILL_AT_STEP:
+            os.kill(os.getpid(), signal.SIGKILL)
         if step % every_steps == 0:
             bar.set_postfix(loss=f"{last_loss[0]:.4g}")
     bar.close()
