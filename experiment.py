@@ -376,9 +376,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"resuming {out_dir} from step {ckpt['loop']['next_step']} of {cfg.total_steps}", file=sys.stderr)
         else:
             cfg = load_config(args.config, args.set)
-            from workbench.config import sweep_runs
+            from workbench.config import preflight, sweep_runs
             for run_dir, _ in sweep_runs(cfg, out_dir):
                 check_out_dir(run_dir, args.overwrite)
+            preflight(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

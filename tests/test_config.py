@@ -42,7 +42,7 @@ def test_bad_config_names_the_key(overrides, key):
         load_config(QS, overrides)
 
 
-@pytest.mark.parametrize("overrides,key", BAD[:6], ids=[" ".join(o) for o, _ in BAD[:6]])
+@pytest.mark.parametrize("overrides,key", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_cli_bad_config_exits_2_and_writes_nothing(overrides, key, tmp_path, capsys):
     out = tmp_path / "run_x"
     argv = [f"--out_dir={out}", "--config", QS] + [a for o in overrides for a in ("--set", o)]
@@ -80,6 +80,24 @@ def test_extends_merges_tables_and_rejects_cycles(tmp_path):
 def test_relu_specific_value_checked():
     with pytest.raises(ConfigError, match="'trainer.l1_coeff'"):
         load_config("run_configs/quickstart_relu.toml", ["trainer.l1_coeff=-2"])
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["model.name='google/gemma-9-9b'", "data.dataset='embedded'"], "model.name"),
+    (["data.dataset='no-such-user/no-such-dataset-xyz'"], "data.dataset"),
+])
+def test_preflight_rejects_before_any_model_loads(overrides, key, tmp_path, capsys, monkeypatch):
+    """An unknown model or an unreachable dataset: exit 2, one line naming the key, nothing written.
+    (Offline, as here and in CI, the hub look-up fails at once.)"""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    import workbench.lm
+    monkeypatch.setattr(workbench.lm, "load_lm", lambda *a: pytest.fail("the model must not load"))
+    out = tmp_path / "run_p"
+    argv = [f"--out_dir={out}", "--config", QS] + [a for o in overrides for a in ("--set", o)]
+    assert experiment.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'{key}'" in err[0] and not out.exists()
 
 
 def test_missing_config_file_and_finished_run(tmp_path, capsys):

@@ -324,3 +324,26 @@ def to_toml(tree: dict) -> str:
         if isinstance(v, dict):
             lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
     return "\n".join(lines) + "\n"
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need a registry or the hub but no model weights: an unknown model name or a dataset
+    that cannot be found fails here, before anything loads or is written. Skipped for the embedded
+    model and text; the dataset look-up is skipped when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set."""
+    import os
+
+    if cfg.model.name != EMBEDDED_MODEL:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+        try:
+            get_official_model_name(cfg.model.name)
+        except ValueError:
+            raise ConfigError(f"config key 'model.name': '{cfg.model.name}' is not a TransformerLens model; "
+                              f"use an official name (e.g. google/gemma-2-2b) or '{EMBEDDED_MODEL}'") from None
+    if cfg.data.dataset != EMBEDDED_DATASET and not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")):
+        from huggingface_hub import HfApi
+        try:
+            HfApi().dataset_info(cfg.data.dataset, timeout=20)
+        except Exception as e:
+            raise ConfigError(f"config key 'data.dataset': cannot find '{cfg.data.dataset}' on the HuggingFace hub "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); check the name "
+                              f"and network, or run offline with --config run_configs/quickstart.toml") from None
