@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -109,30 +108,14 @@ def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int) -
     return torch.sparse_csr_tensor(crow, cols, values, (n, n), check_invariants=False)
 
 
-_POOL = ThreadPoolExecutor(max_workers=2)
-
-
-def _both(device: torch.device, f, g):
-    """f() and g(); on the CPU concurrently, since torch's CSR kernels there use one thread each."""
-    if device.type != "cpu":
-        return f(), g()
-    a, b = _POOL.submit(f), _POOL.submit(g)
-    return a.result(), b.result()
-
-
 @torch.no_grad()
 def pair_dots(W_dec: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """d_i . d_j for pairs sorted by (i, j): a sampled matmul (SDDMM) on the pairs' sparsity pattern,
-    d flops per pair, no gathered (P, d) temporaries. Two halves of the pair list run side by side."""
+    d flops per pair, no gathered (P, d) temporaries."""
     if i.numel() == 0:
         return W_dec.new_zeros(0)
-    half = i.numel() // 2
-
-    def sddmm(lo, hi):
-        pattern = _csr(i[lo:hi], j[lo:hi], W_dec.new_zeros(hi - lo), W_dec.shape[0])
-        return torch.sparse.sampled_addmm(pattern, W_dec, W_dec.T, beta=0.0).values()
-
-    return torch.cat(_both(W_dec.device, lambda: sddmm(0, half), lambda: sddmm(half, i.numel())))
+    pattern = _csr(i, j, W_dec.new_zeros(i.numel()), W_dec.shape[0])
+    return torch.sparse.sampled_addmm(pattern, W_dec, W_dec.T, beta=0.0).values()
 
 
 class _WeightedAbsCosine(torch.autograd.Function):
@@ -156,8 +139,7 @@ class _WeightedAbsCosine(torch.autograd.Function):
         upper = _csr(i, j, k, n)
         by_col = torch.argsort(j * n + i)
         lower = _csr(j[by_col], i[by_col], k[by_col], n)
-        up_W, low_W = _both(W_dec.device, lambda: upper @ W_dec, lambda: lower @ W_dec)
-        return grad_out * (up_W + low_W), None, None, None
+        return grad_out * (upper @ W_dec + lower @ W_dec), None, None, None
 
 
 def competition_penalty(W_dec: torch.Tensor, pairs: CoFiring, coef_P: torch.Tensor, n: int):
