@@ -69,7 +69,7 @@ def test_run_directory_contents(topk_run):
     assert 0.2 < core["model_performance_preservation"]["ce_loss_score"] <= 1
     notes = (topk_run.parent / "notes.txt").read_text()
     ev = core["reconstruction_quality"]["explained_variance"]
-    assert f"run_topk: topk k=16" in notes and f"EV {ev:.4g}" in notes
+    assert "run_topk: topk lr=0.001 warmup_steps=50 k=16 |" in notes and f"EV {ev:.4g}" in notes
     log = [json.loads(line) for line in (topk_run / "train_log.jsonl").read_text().splitlines()]
     assert {"step", "tokens", "loss", "loss_recon", "loss_auxk", "l0", "fvu", "dead_frac", "lr"} <= set(log[0])
     assert log[-1]["step"] == 31 and log[-1]["fvu"] < log[0]["fvu"]
