@@ -3,7 +3,6 @@ groups by model/hook; labels from differing hyperparameters; missing metrics are
 import json
 import math
 
-import pytest
 
 import plot
 
