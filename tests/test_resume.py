@@ -16,10 +16,12 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def args_for(out, cache, trainer):
+def args_for(out, cache, trainer, use_cache=True):
     sets = ["data.train_tokens=12800", "data.norm_tokens=2000", "data.buffer_batches=8", "sae.d_sae=256",
             "sae.batch_size=64", "log.every_steps=1", "log.checkpoint_every=7", "log.progress=false",
             "eval.types=[]", f"cache.dir='{cache}'", "trainer.k=8", "trainer.warmup_steps=10"]
+    if not use_cache:  # activations straight from the LM: a resume skips contexts without running it
+        sets += ["cache.enabled=false"]
     if trainer == "momentum":
         sets += ["trainer.name='momentum'", "trainer.base='topk'", "trainer.lambda2=0.5", "trainer.tau=0.3"]
     return [f"--out_dir={out}", "--config", str(ROOT / "run_configs/quickstart.toml")] + \
@@ -31,14 +33,14 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("resume_cache")
 
 
-@pytest.mark.parametrize("trainer", ["topk", "momentum"])
-def test_sigkill_then_resume_matches_uninterrupted(trainer, cache, tmp_path, capsys):
+@pytest.mark.parametrize("trainer,use_cache", [("topk", True), ("momentum", True), ("topk", False)])
+def test_sigkill_then_resume_matches_uninterrupted(trainer, use_cache, cache, tmp_path, capsys):
     ref = tmp_path / "run_ref"
-    assert experiment.main(args_for(ref, cache, trainer)) == 0  # also fills the activation cache
-    kill_at = random.Random(f"{trainer}-kill").randint(8, 190)  # total 200 steps, checkpoints every 7
+    assert experiment.main(args_for(ref, cache, trainer, use_cache)) == 0  # also fills the activation cache
+    kill_at = random.Random(f"{trainer}-{use_cache}-kill").randint(8, 190)  # 200 steps, checkpoints every 7
     out = tmp_path / "run_killed"
     env = {**os.environ, "SAE_WB_KILL_AT_STEP": str(kill_at)}
-    proc = subprocess.run([sys.executable, str(ROOT / "experiment.py"), *args_for(out, cache, trainer)],
+    proc = subprocess.run([sys.executable, str(ROOT / "experiment.py"), *args_for(out, cache, trainer, use_cache)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]  # really killed
     assert not (out / "final_info.json").exists() and (out / "checkpoint.pt").is_file()
@@ -54,7 +56,9 @@ def test_sigkill_then_resume_matches_uninterrupted(trainer, cache, tmp_path, cap
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(200))  # the log is whole: nothing twice, nothing missing
     info = json.loads((out / "final_info.json").read_text())
-    assert info["training results for layer 6"]["provenance"]["resumed_from_step"] == kill_at // 7 * 7
+    prov = info["training results for layer 6"]["provenance"]
+    assert prov["resumed_from_step"] == kill_at // 7 * 7
+    assert prov["activation_source"].startswith("cache:" if use_cache else "lm")
     assert not (out / "checkpoint.pt").exists()
     if trainer == "momentum":
         ma = json.loads((ref / "trainer_artifacts.json").read_text())["momentum_final"]
