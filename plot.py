@@ -220,8 +220,15 @@ def absorption_vs_l0_figure(plt, runs, title):
     return fig
 
 
-def _token_axis(ax):
+def _series_panel(ax, runs, key, name, fontsize=None):
+    """One logged statistic over training tokens, a line per run; runs without it are left out."""
     from matplotlib.ticker import EngFormatter, MaxNLocator
+    for r in runs:
+        pts = [(e["tokens"], e[key]) for e in r.log if e.get(key) is not None and "tokens" in e]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r.label)
+    ax.set_title(name, fontsize=fontsize)
+    ax.set_xlabel("training tokens")
     ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.xaxis.set_major_formatter(EngFormatter())
 
@@ -230,13 +237,7 @@ def curves_figure(plt, runs, title):
     keys = [("loss", "loss"), ("fvu", "FVU"), ("l0", "L0"), ("dead_frac", "dead fraction")]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for ax, (key, name) in zip(axes, keys):
-        for r in runs:
-            pts = [(e["tokens"], e[key]) for e in r.log if e.get(key) is not None and "tokens" in e]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r.label)
-        ax.set_xlabel("training tokens")
-        _token_axis(ax)
-        ax.set_title(name)
+        _series_panel(ax, runs, key, name)
         if key in ("loss", "fvu"):
             ax.set_yscale("log")
     axes[0].legend(fontsize=7)
@@ -252,13 +253,7 @@ def competition_figure(plt, runs, title):
               ("pairs_c_pos", "progressive: pairs with c > 0"), ("lambda2", "progressive: lambda2(p)")]
     fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     for ax, (key, name) in zip(axes.flat, series):
-        for r in runs:
-            pts = [(e["tokens"], e[key]) for e in r.log if e.get(key) is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=r.label)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("training tokens")
-        _token_axis(ax)
+        _series_panel(ax, runs, key, name, fontsize=10)
         if ax.lines:
             ax.legend(fontsize=7)
     fig.suptitle(title)
