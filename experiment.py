@@ -154,13 +154,12 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
         ) -> list[tuple[Path, dict]]:
     """Train the config's trainer (and its sweep entries) on one activation stream; evaluate; write
     one run directory per trainer. Returns [(run_dir, final_info)]. With ckpt, continue that run."""
-    from evals import EvalContext, run_evals
+    from evals import build_context, run_evals
     from trainers import make_trainer
     from workbench.activations import ActivationScaler, MixingBuffer
     from workbench.config import sweep_runs
-    from workbench.lm import resolve_device, special_token_ids
+    from workbench.lm import resolve_device
     from workbench.runio import JsonlLog, atomic_write_json, atomic_write_text, code_version
-    from workbench.text import held_out_contexts
     from workbench.training import train
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -205,7 +204,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
                 atomic_write_text(log_path, "".join(line + "\n" for line in kept))
     trainers = [make_trainer(run_cfg.trainer, d_in=d_in, d_sae=cfg.sae.d_sae, total_steps=cfg.total_steps,
                              total_tokens=cfg.total_steps * cfg.sae.batch_size, init_acts_BD=init_acts,
-                             seed=cfg.seed, device=device) for _, run_cfg in runs]
+                             seed=cfg.seed, device=device, compute_dtype=cfg.sae.compute_dtype) for _, run_cfg in runs]
     if ckpt is not None:
         for trainer, state in zip(trainers, ckpt["trainers"]):
             trainer.load_state_dict(state)
@@ -248,10 +247,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
     results, skipped = [{} for _ in runs], {}
     if cfg.eval.types:
         model = lm.get()
-        n_eval_ctx = max(cfg.eval.ce_contexts, -(-cfg.eval.variance_tokens // (cfg.data.context_size - 1)))
-        eval_ctx = EvalContext(model=model, saes=saes, run_cfg=cfg, special_ids=special_token_ids(model.tokenizer),
-                               progress=cfg.log.progress,
-                               eval_contexts_NT=held_out_contexts(cfg.data, model.tokenizer, n_eval_ctx, cfg.seed))
+        eval_ctx = build_context(cfg, model, saes, out_dir / "eval_artifacts")
         results, skipped = run_evals(cfg.eval.types, eval_ctx)
     wall = time.perf_counter() - t0
 

@@ -1,4 +1,4 @@
-"""Training-step time of topk vs momentum vs progressive, side by side, in one invocation.
+"""Training-step time of topk vs momentum vs progressive, float32 and bfloat16 autocast, side by side.
 
     python bench/bench_trainers.py [--steps 10] [--sizes cpu|gpu|all]
 
@@ -37,14 +37,15 @@ def synthetic_acts(n_tokens: int, d: int, device, seed=0) -> torch.Tensor:
     return x.to(device)
 
 
-def time_steps(name: str, d: int, n: int, B: int, k: int, steps: int, device) -> tuple[float, dict]:
+def time_steps(name: str, d: int, n: int, B: int, k: int, steps: int, device,
+               compute_dtype: str = "float32") -> tuple[float, dict]:
     cfg = config_from_dict({"model": {"name": "gemma-3-270m", "hook": "blocks.6.hook_resid_post"},
                             "data": {"dataset": "embedded", "train_tokens": B * (steps + 5)},
                             "sae": {"d_sae": n, "batch_size": B},
                             "trainer": {**TRAINER_SETTINGS[name], "k": k, "warmup_steps": 0}})
     acts = synthetic_acts(B * 4, d, device)
     trainer = make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=1000, total_tokens=1000 * B,
-                           init_acts_BD=acts[:B], seed=0, device=device)
+                           init_acts_BD=acts[:B], seed=0, device=device, compute_dtype=compute_dtype)
     batches = [acts[i * B:(i + 1) * B] for i in range(4)]
     for s in range(3):  # warm up allocator, kernels and the co-firing pattern
         trainer.step(batches[s % 4])
@@ -75,9 +76,11 @@ def main(argv=None) -> int:
         base = None
         for name in TRAINER_SETTINGS:
             sec, stats = time_steps(name, d, n, B, k, args.steps, device)
+            sec16, _ = time_steps(name, d, n, B, k, args.steps, device, compute_dtype="bfloat16")
             base = base or sec
             extra = f"  co-firing pairs {stats['cofiring_pairs']:,}" if "cofiring_pairs" in stats else ""
-            print(f"  {name:12s} {sec * 1000:8.1f} ms/step  {B / sec:10.0f} tok/s  {sec / base:5.2f}x topk{extra}")
+            print(f"  {name:12s} float32 {sec * 1000:8.1f} ms/step {B / sec:8.0f} tok/s {sec / base:5.2f}x topk | "
+                  f"bfloat16 autocast {sec16 * 1000:8.1f} ms/step {B / sec16:8.0f} tok/s {sec / sec16:5.2f}x faster{extra}")
     return 0
 
 

@@ -3,8 +3,12 @@
 clean forward passes is done once). An eval that cannot run here raises EvalSkipped with the reason."""
 from __future__ import annotations
 
+import importlib
+import sys
+import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,40 +24,43 @@ class EvalContext:
     run_cfg: Any               # RunConfig (model, data and eval keys are shared by all SAEs)
     eval_contexts_NT: torch.Tensor  # held-out context windows
     special_ids: list[int]
+    artifacts_root: Path       # per-run eval artifacts (the run directory's eval_artifacts/)
+    cache_root: Path           # reusable eval work keyed by what changes it (probes, model activations)
     progress: bool = True
 
 
-def _not_wired(name: str) -> Callable[[EvalContext], list[dict]]:
-    def run(ctx: EvalContext) -> list[dict]:
-        raise EvalSkipped(f"the '{name}' eval is not wired into this workbench yet")
-    return run
+def build_context(cfg, model, saes: list, artifacts_root: Path) -> EvalContext:
+    """The context every eval of a run shares: the model, the SAEs and held-out text."""
+    from workbench.lm import cache_root, special_token_ids
+    from workbench.text import held_out_contexts
+
+    n_ctx = max(cfg.eval.ce_contexts, -(-cfg.eval.variance_tokens // (cfg.data.context_size - 1)))
+    return EvalContext(model=model, saes=saes, run_cfg=cfg, special_ids=special_token_ids(model.tokenizer),
+                       progress=cfg.log.progress, artifacts_root=Path(artifacts_root), cache_root=cache_root(cfg.model),
+                       eval_contexts_NT=held_out_contexts(cfg.data, model.tokenizer, n_ctx, cfg.seed))
 
 
-def _registry() -> dict[str, tuple[str, Callable[[EvalContext], list[dict]]]]:
-    from evals import core
-    reg = {"core": (core.KEY, core.run)}
-    for name, key in [("absorption", "absorption evaluation results"),
-                      ("sparse_probing", "sparse probing evaluation results"),
-                      ("sae_probes", "sae_probes evaluation results"),
-                      ("scr", "scr evaluation results"), ("tpp", "tpp evaluation results"),
-                      ("unlearning", "unlearning evaluation results"),
-                      ("autointerp", "autointerp evaluation results")]:
-        reg[name] = (key, _not_wired(name))
-    return reg
+# eval name (SAEBench's) -> module under evals/ exposing KEY and run(ctx)
+MODULES = {"core": "core", "absorption": "absorption", "sparse_probing": "sparse_probing",
+           "sae_probes": "sparse_probing_sae_probes", "scr": "scr", "tpp": "tpp",
+           "unlearning": "unlearning", "autointerp": "autointerp"}
+EVALS = set(MODULES)
 
 
-EVALS = {"core", "absorption", "sparse_probing", "sae_probes", "scr", "tpp", "unlearning", "autointerp"}
+def module(name: str):
+    return importlib.import_module(f"evals.{MODULES[name]}")
 
 
 def run_evals(names: list[str], ctx: EvalContext) -> tuple[list[dict], dict]:
-    """(per SAE: results by final_info key; skipped {name: reason})."""
-    reg = _registry()
+    """(per SAE: results by final_info key; skipped {name: reason}). Each eval's wall time is printed."""
     results, skipped = [{} for _ in ctx.saes], {}
     for name in names:
-        key, fn = reg[name]
+        mod, start = module(name), time.perf_counter()
         try:
-            for per_sae, result in zip(results, fn(ctx)):
-                per_sae[key] = result
+            for per_sae, result in zip(results, mod.run(ctx)):
+                per_sae[mod.KEY] = result
+            print(f"eval {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
         except EvalSkipped as e:
             skipped[name] = str(e)
+            print(f"eval {name}: skipped ({e})", file=sys.stderr)
     return results, skipped

@@ -71,8 +71,13 @@ class Trainer:
     architecture: ClassVar[str]  # SAELens architecture of the SAE this trainer produces
 
     def __init__(self, cfg: TrainerConfig, d_in: int, d_sae: int, total_steps: int, total_tokens: int,
-                 init_acts_BD: torch.Tensor, seed: int, device: str | torch.device = "cpu"):
+                 init_acts_BD: torch.Tensor, seed: int, device: str | torch.device = "cpu",
+                 compute_dtype: str = "float32"):
         self.cfg, self.total_steps = cfg, total_steps
+        # bfloat16: the forward (and so its backward) runs under autocast; weights, Adam state, the loss
+        # sums and the decoder constraint stay float32
+        self.autocast = compute_dtype == "bfloat16"
+        self.device_type = torch.device(device).type
         gen = torch.Generator().manual_seed(seed)
         self.sae = SAE(d_in, d_sae, self.architecture, getattr(cfg, "k", None)).init_tied_(
             gen, b_dec=init_acts_BD.float().mean(0).cpu()).to(device)
@@ -95,7 +100,8 @@ class Trainer:
         return self.tokens_since_fired_F >= self.dead_after_tokens
 
     def step(self, acts_BD: torch.Tensor) -> StepOutput:
-        out = self.loss(acts_BD, self.step_count / max(1, self.total_steps))
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.loss(acts_BD, self.step_count / max(1, self.total_steps))
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         remove_parallel_grad_(self.sae.W_dec)

@@ -62,6 +62,7 @@ class DataConfig:
 class SAEConfig:
     d_sae: int = param(16384, "number of latents n")
     batch_size: int = param(2048, "activations per SAE training step (the seeds' sae_batch_size)")
+    compute_dtype: str = param("float32", "SAE training matmuls: float32, or bfloat16 (autocast; weights and Adam stay float32)")
 
 
 @dataclass
@@ -70,6 +71,19 @@ class EvalConfig:
     ce_contexts: int = param(256, "held-out contexts for the CE-loss / KL part of core")
     ce_batch_size: int = param(8, "contexts per forward in the CE-loss / KL part (memory: logits are contexts x ctx x vocab)")
     variance_tokens: int = param(200_000, "held-out tokens for the reconstruction, sparsity and shrinkage part of core")
+    llm_batch_size: int = param(32, "prompts per LM forward in the sae_bench evals (the seeds: 32 on gemma-2-2b)")
+    absorption_words: int = param(0, "absorption: seeded sample of single-token alphabetic words (0 = all, as SAEBench)")
+    absorption_min_letters: int = param(20, "absorption: letters whose ground-truth probe F1 > 0.6 needed for a result")
+    sae_probes_datasets: list = param([], "sae_probes: dataset names shipped in the sae_probes wheel ([] = all 113)")
+    sae_probes_ks: list = param([1, 2, 5], "sae_probes: numbers of latents k the probes may use")
+    sae_probes_llm_baseline: bool = param(True, "sae_probes: also fit the probe on the raw activations (the ceiling)")
+    probe_k_values: list = param([1, 2, 5, 10, 20, 50], "sparse_probing / scr / tpp: latent counts k (the seeds')")
+    probe_train_set_size: int = param(4000, "sparse_probing: probe training examples per dataset (the seeds')")
+    probe_test_set_size: int = param(1000, "sparse_probing: probe test examples per dataset (the seeds')")
+    probe_context_length: int = param(128, "sparse_probing / scr / tpp: tokens per example (the seeds')")
+    unlearning_model: str = param("", "unlearning: instruction-tuned model to evaluate on (e.g. google/gemma-2-2b-it); '' = skip")
+    wmdp_corpus: str = param("", "unlearning: path to the gated WMDP bio-forget-corpus.jsonl; '' = skip")
+    autointerp_n_latents: int = param(1000, "autointerp: latents explained and scored (SAEBench default)")
 
 
 @dataclass
@@ -205,7 +219,11 @@ def read_toml_tree(path: Path, _seen: tuple = ()) -> dict:
         return tree
     if not isinstance(parent, str):
         raise ConfigError(f"config key 'extends' in '{path}' must be a file name")
-    return deep_merge(read_toml_tree(path.parent / parent, _seen + (path.resolve(),)), tree)
+    base = read_toml_tree(path.parent / parent, _seen + (path.resolve(),))
+    child_trainer = tree.get("trainer", {}).get("name")
+    if child_trainer and child_trainer != base.get("trainer", {}).get("name"):
+        base.pop("trainer", None)  # another trainer: the parent's trainer fields do not apply to it
+    return deep_merge(base, tree)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -271,11 +289,22 @@ def validate(cfg: RunConfig) -> None:
            f"must be a non-empty subset of wiki, c4, tiny, got {d.embedded_sources}")
     _check(s.d_sae >= 1, "sae.d_sae", "must be >= 1")
     _check(s.batch_size >= 1, "sae.batch_size", "must be >= 1")
+    _check(s.compute_dtype in ("float32", "bfloat16"), "sae.compute_dtype", "must be 'float32' or 'bfloat16'")
     _check(e.ce_contexts >= 1 and e.ce_batch_size >= 1 and e.variance_tokens >= 1, "eval",
            "ce_contexts, ce_batch_size and variance_tokens must be >= 1")
     from evals import EVALS
     unknown = [t for t in e.types if t not in EVALS]
     _check(not unknown, "eval.types", f"names unknown evaluation(s) {unknown}; known: {sorted(EVALS)}")
+    _check(e.llm_batch_size >= 1 and e.absorption_min_letters >= 1 and e.absorption_words >= 0, "eval",
+           "llm_batch_size and absorption_min_letters must be >= 1, absorption_words >= 0")
+    for name in ("sae_probes_ks", "probe_k_values"):
+        ks = getattr(e, name)
+        _check(bool(ks) and all(isinstance(k, int) and k >= 1 for k in ks), f"eval.{name}", "must be a list of ints >= 1")
+    if "sae_probes" in e.types and e.sae_probes_datasets:
+        from sae_probes.utils_data import get_numbered_binary_tags
+        known = set(get_numbered_binary_tags())
+        bad = [x for x in e.sae_probes_datasets if x not in known]
+        _check(not bad, "eval.sae_probes_datasets", f"names unknown dataset(s) {bad}; e.g. {sorted(known)[:3]}")
     _check(cfg.cache.max_gb > 0, "cache.max_gb", "must be > 0")
     _check(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
     _check(cfg.log.checkpoint_every >= 0, "log.checkpoint_every", "must be >= 0 (0 = no checkpoints)")

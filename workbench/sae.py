@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+SAE_LENS_FORMAT_VERSION = "6.0.0"  # the SAELens on-disk cfg layout this file follows
+
 SAE_WEIGHTS = "sae_weights.safetensors"
 SAE_CFG = "cfg.json"
 ARCHITECTURES = ("standard", "topk")  # SAELens names: ReLU SAE = "standard"
@@ -90,7 +92,9 @@ class SAE(nn.Module):
         save_file(tensors, str(path / SAE_WEIGHTS))
         cfg = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32",
                "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-               "reshape_activations": "none", "metadata": metadata}
+               "reshape_activations": "none",
+               # sae_lens reads a cfg without sae_lens_version as pre-6.0 and drops the metadata
+               "metadata": {"sae_lens_version": SAE_LENS_FORMAT_VERSION, **metadata}}
         if self.architecture == "topk":
             cfg.update(k=self.k, rescale_acts_by_decoder_norm=False)
         (path / SAE_CFG).write_text(json.dumps(cfg, indent=2))

@@ -1,0 +1,9 @@
+"""SAEBench spurious correlation removal (bias_in_bios, amazon reviews). Needs the hub: skipped offline."""
+from evals import EvalContext
+from evals.scr_tpp_common import run_scr_or_tpp
+
+KEY = "scr evaluation results"
+
+
+def run(ctx: EvalContext) -> list[dict]:
+    return run_scr_or_tpp(ctx, perform_scr=True)
