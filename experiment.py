@@ -16,6 +16,7 @@ import platform
 import shutil
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -389,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return fail(f"cannot write the run ({e.strerror or e}: {e.filename or out_dir}); "
                     f"free disk space or pick a writable --out_dir", cfg, out_dir)
+    except Exception as e:  # noqa: BLE001 (a bug: the traceback for us, failed.txt for the run directory)
+        traceback.print_exc()
+        return fail(f"unexpected {type(e).__name__}: {e} (a bug; the traceback is above; the run can be resumed "
+                    f"from its last checkpoint)", cfg, out_dir)
     for run_dir, final in finals:
         print(f"done: {run_dir} {headline(final)}")
     try:

@@ -4,8 +4,10 @@ clean forward passes is done once). An eval that cannot run here raises EvalSkip
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,15 +54,29 @@ def module(name: str):
 
 
 def run_evals(names: list[str], ctx: EvalContext) -> tuple[list[dict], dict]:
-    """(per SAE: results by final_info key; skipped {name: reason}). Each eval's wall time is printed."""
+    """(per SAE: results by final_info key; skipped {name: reason}). Each eval's wall time is printed.
+
+    An eval that crashes does not take the trained SAEs and the other evals down with it: it is
+    recorded as skipped with "failed:" and the error, and its traceback goes to
+    eval_artifacts/<name>.error.txt (re-run it with evals/run.py once fixed)."""
+    from workbench.runio import json_safe
+
     results, skipped = [{} for _ in ctx.saes], {}
     for name in names:
         mod, start = module(name), time.perf_counter()
         try:
-            for per_sae, result in zip(results, mod.run(ctx)):
+            per_eval = [json_safe(r) for r in mod.run(ctx)]
+            json.dumps(per_eval, allow_nan=False)  # a result that cannot be written fails here, named
+            for per_sae, result in zip(results, per_eval):
                 per_sae[mod.KEY] = result
             print(f"eval {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
         except EvalSkipped as e:
             skipped[name] = str(e)
             print(f"eval {name}: skipped ({e})", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 (a bug in one eval must not lose the run)
+            ctx.artifacts_root.mkdir(parents=True, exist_ok=True)
+            (ctx.artifacts_root / f"{name}.error.txt").write_text(traceback.format_exc())
+            skipped[name] = f"failed: {type(e).__name__}: {str(e)[:300]} (traceback: {ctx.artifacts_root / name}.error.txt)"
+            print(f"eval {name}: FAILED ({type(e).__name__}: {e}); see {ctx.artifacts_root / name}.error.txt",
+                  file=sys.stderr)
     return results, skipped

@@ -150,3 +150,37 @@ def test_rerun_refuses_a_directory_without_a_finished_run(tmp_path, capsys):
 
     assert main([str(tmp_path)]) == 2
     assert "not a finished run" in capsys.readouterr().err
+
+
+def test_a_crashing_eval_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    import evals.tpp
+
+    def boom(ctx):
+        raise RuntimeError("bug in an eval")
+
+    monkeypatch.setattr(evals.tpp, "run", boom)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    ctx = _ctx(tmp_path)
+    results, skipped = run_evals(["tpp", "autointerp"], ctx)
+    assert skipped["tpp"].startswith("failed: RuntimeError: bug in an eval")
+    assert "OPENAI_API_KEY" in skipped["autointerp"]
+    assert "RuntimeError" in (tmp_path / "art" / "tpp.error.txt").read_text()
+
+
+def test_results_holding_library_objects_are_written_as_plain_json(tmp_path):
+    """sae_bench puts sae_lens config objects (SAEMetadata) into its results; final_info.json must still
+    be written, with their contents."""
+    import dataclasses
+
+    import numpy as np
+
+    from workbench.runio import atomic_write_json, json_safe
+
+    lens = lens_sae(SAE(16, 64, "topk", k=4), tiny_run_config())
+    obj = {"sae_cfg_dict": dataclasses.asdict(lens.cfg), "x": np.float32(0.5), "t": torch.tensor([1, 2]),
+           "bad": float("nan")}
+    atomic_write_json(tmp_path / "f.json", obj)
+    back = json.loads((tmp_path / "f.json").read_text())
+    assert back["sae_cfg_dict"]["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert back["x"] == 0.5 and back["t"] == [1, 2] and back["bad"] is None
+    assert json_safe(back) == back

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import dataclasses
 import math
 import os
 import subprocess
@@ -13,14 +14,24 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def json_safe(x: Any) -> Any:
-    """Replace NaN / inf by None so the file is valid JSON (json would write `Infinity`)."""
+    """Plain JSON values: NaN / inf become None (json would write `Infinity`); library objects inside
+    eval results (sae_lens config metadata, numpy scalars, tensors, paths) become their dict, number or
+    string form, so writing final_info.json never fails on them."""
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
         return [json_safe(v) for v in x]
-    return x
+    if callable(getattr(x, "tolist", None)):  # numpy arrays and scalars, torch tensors
+        return json_safe(x.tolist())
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return json_safe(dataclasses.asdict(x))
+    if callable(getattr(x, "to_dict", None)):
+        return json_safe(x.to_dict())
+    return str(x)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
