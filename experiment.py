@@ -116,9 +116,12 @@ class ActivationStream:
         self.cache = ActivationCache(root, int(cfg.cache.max_gb * 2**30))
         self.writer = None
         meta = self.cache.load_meta(self.key) if cfg.cache.enabled else None
+        depth = d.prefetch_chunks
+        self.prefetch = None
         if meta is not None:
             self.source = f"cache:{self.key}"
             self.chunks = itertools.islice(self.cache.read(self.key, meta, device), skip_chunks, None)
+            self._read_ahead(depth)
             return
         self.source = "lm"
         self.epochs = [0]
@@ -134,8 +137,17 @@ class ActivationStream:
             store = torch.float32 if cfg.model.dtype == "float32" else getattr(torch, cfg.model.dtype)
             self.writer = self.cache.writer(self.key, self.n_tokens, describe, store)
             self.chunks = self.writer.wrap(self._raw)
+        self._read_ahead(depth)
+
+    def _read_ahead(self, depth: int) -> None:
+        """Produce the next chunks in a background thread while the trainers step (same order)."""
+        if depth > 0:
+            from workbench.activations import Prefetcher
+            self.prefetch = self.chunks = Prefetcher(self.chunks, depth)
 
     def finish(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()  # fetched-ahead chunks are already in the cache entry being written
         if self.writer is not None and self.writer.finish(self._raw):
             self.source = f"lm (stored as cache:{self.key})"
 

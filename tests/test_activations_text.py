@@ -1,4 +1,5 @@
 """Mixing buffer, special-token masking, context packing and the held-out split."""
+import pytest
 import torch
 
 from workbench.activations import harvest, mixing_buffer, special_mask
@@ -81,3 +82,26 @@ def test_mixing_buffer_state_round_trip_resumes_exactly():
         assert len(head) + len(tail) == len(whole)
         for a, b in zip(head + tail, whole):
             assert torch.equal(a, b)
+
+
+def test_prefetcher_keeps_order_hands_back_what_it_fetched_and_reraises():
+    import time
+
+    from workbench.activations import Prefetcher
+
+    src = iter(range(10))
+    p = Prefetcher(src, depth=2)
+    got = [next(p), next(p)]
+    time.sleep(0.2)  # let it fill its queue
+    left = p.close()
+    assert got + left + list(src) == list(range(10)) and len(left) >= 2  # nothing lost, nothing repeated
+    assert list(Prefetcher(iter(range(7)), depth=3)) == list(range(7))
+
+    def broken():
+        yield 1
+        raise ValueError("disk gone")
+
+    p = Prefetcher(broken())
+    assert next(p) == 1
+    with pytest.raises(ValueError, match="disk gone"):
+        next(p)

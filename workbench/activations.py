@@ -116,3 +116,65 @@ class ActivationScaler:
 
     def __call__(self, acts: torch.Tensor) -> torch.Tensor:
         return acts * self.scale
+
+
+class Prefetcher:
+    """Runs an iterator in a background thread, `depth` items ahead, in the same order: the LM forward
+    (or the cache read) for the next chunks overlaps the SAE steps on the current ones. torch releases the
+    GIL in its kernels, so on a GPU the host-side work (tokenizing, cache writes) hides behind the device's.
+    close() stops the thread after its current item; the source iterator can then be used directly (the
+    items already fetched but not consumed are returned by close(), in order)."""
+
+    _DONE = object()
+
+    def __init__(self, source: Iterator, depth: int = 2):
+        import queue
+        import threading
+
+        self.source, self.queue = source, queue.Queue(maxsize=max(1, depth))
+        self.stop, self.error = threading.Event(), None
+        self.thread = threading.Thread(target=self._run, name="activation-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import queue
+        try:
+            for item in self.source:
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    self.queue.put(item)  # unbounded after close(): keep it for the caller
+                    return
+        except BaseException as e:  # noqa: BLE001 (re-raised in the consumer's thread)
+            self.error = e
+        self.queue.put(self._DONE)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.queue.get()
+        if item is self._DONE:
+            self.queue.put(self._DONE)  # later calls end too
+            if self.error is not None:
+                raise self.error
+            raise StopIteration
+        return item
+
+    def close(self) -> list:
+        """Stop fetching; the items fetched and not yet consumed, in order."""
+        self.stop.set()
+        self.queue.maxsize = 0  # let a blocked put through
+        self.thread.join()
+        left = []
+        while not self.queue.empty():
+            item = self.queue.get()
+            if item is not self._DONE:
+                left.append(item)
+        if self.error is not None:
+            raise self.error
+        return left
