@@ -57,7 +57,7 @@ def main(argv=None) -> int:
               f"{'stream+train s':>14s} {'SAE steps s':>11s}  activations")
         for label, ev, ce, l0, source, train_s, step_s, wall in rows:
             print(f"{label:28s} {1 - ev:7.4f} {(1 - ev) - (1 - ref_ev):+8.4f} {ce:9.4f} {ce - ref_ce:+8.4f} "
-                  f"{l0:5.1f} {train_s:14.1f} {step_s:11.1f}  {source.split(":")[0].split(" ")[0]}")
+                  f"{l0:5.1f} {train_s:14.1f} {step_s:11.1f}  {source.split(':')[0].split(' ')[0]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

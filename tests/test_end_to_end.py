@@ -10,7 +10,9 @@ pytestmark = pytest.mark.slow
 
 TINY = ["data.train_tokens=16384", "data.norm_tokens=4000", "data.buffer_batches=4", "sae.d_sae=512",
         "sae.batch_size=512", "eval.ce_contexts=4", "eval.variance_tokens=3000", "log.progress=false",
-        "log.every_steps=4"]
+        "log.every_steps=4",
+        # absorption and sae_probes run in test_acceptance.py; here the skip path of the offline-impossible ones
+        "eval.types=['core', 'unlearning', 'autointerp']"]
 
 
 def sets(items):
@@ -59,6 +61,8 @@ def test_run_directory_contents(topk_run):
     prov = tr["provenance"]
     assert prov["model"] == "gemma-3-270m" and prov["hook"] == "blocks.6.hook_resid_post"
     assert prov["train_tokens"] == 16384 and prov["normalization_scale"] > 0 and prov["code_version"]
+    assert set(info["skipped evaluations"]) == {"unlearning", "autointerp"}
+    assert "eval.unlearning_model" in info["skipped evaluations"]["unlearning"]
     core = info["core evaluation results"]["metrics"]
     for group in ("model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",
                   "shrinkage", "sparsity", "token_stats", "misc"):
