@@ -105,3 +105,20 @@ def test_prefetcher_keeps_order_hands_back_what_it_fetched_and_reraises():
     assert next(p) == 1
     with pytest.raises(ValueError, match="disk gone"):
         next(p)
+
+
+def test_prefetcher_close_after_the_source_ran_out_with_a_full_queue():
+    """The producer finishing while nobody reads (training done, queue full) must not hang close()."""
+    import threading
+    import time
+
+    from workbench.activations import Prefetcher
+
+    src = iter(range(2))
+    p = Prefetcher(src, depth=2)
+    time.sleep(0.3)  # the source is exhausted; the queue is full; the end marker waits
+    done = threading.Event()
+    result = []
+    threading.Thread(target=lambda: (result.extend(p.close()), done.set()), daemon=True).start()
+    assert done.wait(5), "close() hung"
+    assert result == [0, 1] and list(src) == []

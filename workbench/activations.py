@@ -132,26 +132,30 @@ class Prefetcher:
         import threading
 
         self.source, self.queue = source, queue.Queue(maxsize=max(1, depth))
-        self.stop, self.error = threading.Event(), None
+        self.stop, self.error, self.spill = threading.Event(), None, []
         self.thread = threading.Thread(target=self._run, name="activation-prefetch", daemon=True)
         self.thread.start()
 
-    def _run(self) -> None:
+    def _put(self, item) -> bool:
+        """Queue item unless close() was called (then keep it aside for close to hand back)."""
         import queue
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        self.spill.append(item)
+        return False
+
+    def _run(self) -> None:
         try:
             for item in self.source:
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
-                    self.queue.put(item)  # unbounded after close(): keep it for the caller
+                if not self._put(item):
                     return
         except BaseException as e:  # noqa: BLE001 (re-raised in the consumer's thread)
             self.error = e
-        self.queue.put(self._DONE)
+        self._put(self._DONE)
 
     def __iter__(self):
         return self
@@ -168,13 +172,11 @@ class Prefetcher:
     def close(self) -> list:
         """Stop fetching; the items fetched and not yet consumed, in order."""
         self.stop.set()
-        self.queue.maxsize = 0  # let a blocked put through
         self.thread.join()
         left = []
         while not self.queue.empty():
-            item = self.queue.get()
-            if item is not self._DONE:
-                left.append(item)
+            left.append(self.queue.get())
+        left = [x for x in left + self.spill if x is not self._DONE]
         if self.error is not None:
             raise self.error
         return left
