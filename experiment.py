@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.config import ConfigError, RunConfig, config_to_dict, load_config, to_toml
+from workbench.config import ConfigError, RunConfig, absolute_path, config_to_dict, load_config, to_toml
 
 FINAL_INFO = "final_info.json"
 
@@ -276,8 +276,10 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
                            "lm_name": cfg.model.name, "submodule_name": hook, "sae_batch_size": cfg.sae.batch_size},
                 "final_info": {"training_steps": stats["steps"], "final_loss": stats["final_loss"][i], "layer": layer,
                                "dict_size": cfg.sae.d_sae, "learning_rate": trainer.lr,
-                               "sparsity_penalty": run_cfg.trainer.l1_coeff if trainer.architecture == "standard" else None,
-                               "k": run_cfg.trainer.k if trainer.architecture == "topk" else None},
+                               "sparsity_penalty": sparsity_penalty(run_cfg.trainer),
+                               "k": getattr(run_cfg.trainer, "k", None) if trainer.architecture != "standard" else None,
+                               # last logged training L0; the core eval's L0 is the saved SAE's (inference)
+                               "l0_train": stats["final_l0"][i], **trainer.summary()},
                 "provenance": {
                     "model": cfg.model.name, "hook": hook, "llm_dtype": cfg.model.dtype, "device": str(device),
                     "dataset": cfg.data.dataset,
@@ -300,6 +302,13 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
         out.append((run_dir, final))
     (out_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: final_info.json and sae/ are the result
     return out
+
+
+def sparsity_penalty(tcfg) -> float | None:
+    """The L1 (relu, relu-based research trainers) or L0 (jumprelu) coefficient; None for k-sparse SAEs."""
+    if getattr(tcfg, "base", tcfg.name) == "relu":
+        return tcfg.l1_coeff
+    return getattr(tcfg, "l0_coeff", None)
 
 
 def _step_of(line: str) -> int:
@@ -330,7 +339,7 @@ def notes_line(run_dir: Path, final: dict) -> str:
     probe = get("sparse probing evaluation results", "eval_result_metrics", "sae", "sae_top_1_test_accuracy")
     if probe == "n/a":
         probe = get("sae_probes evaluation results", "eval_result_metrics", "sae", "sae_top_1_test_accuracy")
-    return (f"[{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')}] {run_dir}: {tcfg['name']} {hp} | "
+    return (f"[{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')}] {run_dir.name}: {tcfg['name']} {hp} | "
             f"L0 {get(*core, 'sparsity', 'l0')} EV {get(*core, 'reconstruction_quality', 'explained_variance')} "
             f"CE {get(*core, 'model_performance_preservation', 'ce_loss_score')} "
             f"absorption {get('absorption evaluation results', 'eval_result_metrics', 'mean', 'mean_absorption_fraction_score')} "
@@ -371,7 +380,7 @@ def fail(message: str, cfg: RunConfig, out_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    out_dir = Path(args.out_dir)
+    out_dir = absolute_path(args.out_dir)  # resolved once: nothing below depends on the working directory
     ckpt = None
     try:
         if resumable(out_dir) and not args.overwrite:

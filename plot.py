@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -323,6 +324,15 @@ def summary_markdown(groups: dict) -> str:
     return "\n".join(lines)
 
 
+RUN_MARKERS = ("final_info.json", "config.toml", "checkpoint.pt", "failed.txt")
+
+
+def find_runs(root: Path) -> list[Path]:
+    """The run directories under root: run_* folders holding a run's files. Other folders that match the
+    pattern (run_configs/) are not runs and are never listed."""
+    return sorted(d for d in root.glob("run_*") if d.is_dir() and any((d / m).exists() for m in RUN_MARKERS))
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-")
 
@@ -333,7 +343,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("."), help="folder for the figures and summary.md")
     p.add_argument("--label", action="append", default=[], metavar="RUN=TEXT", help="override a run's label")
     args = p.parse_args(argv)
-    dirs = args.runs or sorted(d for d in Path(".").glob("run_*") if d.is_dir())
+    # paths resolved once here (`~`, relative, spaces); nothing below depends on the working directory
+    args.out = Path(os.path.abspath(args.out.expanduser()))
+    dirs = [Path(os.path.abspath(d.expanduser())) for d in args.runs] or find_runs(Path.cwd())
     runs, problems = [], []
     for d in dirs:
         run, why = load_run(d)
@@ -347,8 +359,8 @@ def main(argv=None) -> int:
         print("no readable runs (looked for run_*/final_info.json)", file=sys.stderr)
         return 1
     labels = {}
-    if (Path(".") / "labels.json").is_file():
-        labels.update(json.loads((Path(".") / "labels.json").read_text()))
+    if (Path.cwd() / "labels.json").is_file():
+        labels.update(json.loads((Path.cwd() / "labels.json").read_text()))
     for item in args.label:
         name, _, text = item.partition("=")
         labels[name] = text

@@ -38,7 +38,7 @@ def build_context(cfg, model, saes: list, artifacts_root: Path) -> EvalContext:
 
     n_ctx = max(cfg.eval.ce_contexts, -(-cfg.eval.variance_tokens // (cfg.data.context_size - 1)))
     return EvalContext(model=model, saes=saes, run_cfg=cfg, special_ids=special_token_ids(model.tokenizer),
-                       progress=cfg.log.progress, artifacts_root=Path(artifacts_root), cache_root=cache_root(cfg.model),
+                       progress=cfg.log.progress, artifacts_root=Path(artifacts_root).absolute(), cache_root=cache_root(cfg.model),
                        eval_contexts_NT=held_out_contexts(cfg.data, model.tokenizer, n_ctx, cfg.seed))
 
 

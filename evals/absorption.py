@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import time
+import types
 from pathlib import Path
 from unittest import mock
 
@@ -39,14 +40,15 @@ def word_sample(tokenizer, n_words: int, seed: int) -> tuple[list[str], int]:
     return sorted(random.Random(seed).sample(words, n_words)), len(words)
 
 
-@contextlib.contextmanager
-def _chdir(path: Path):
-    old = os.getcwd()
-    os.chdir(path)  # sae_bench writes its k-sparse probing JSON to ./artifacts/absorption
-    try:
-        yield
-    finally:
-        os.chdir(old)
+def os_rooted_at(root: Path) -> types.SimpleNamespace:
+    """sae_bench's absorption main writes its k-sparse probing JSON to the relative folder
+    artifacts/absorption. Handed to it as its `os`, this resolves relative joins under `root` instead,
+    so nothing depends on (or changes) the working directory."""
+    def join(first, *rest):
+        first = os.fspath(first)
+        return os.path.join(first if os.path.isabs(first) else os.path.join(root, first), *rest)
+
+    return types.SimpleNamespace(**{**vars(os), "path": types.SimpleNamespace(**{**vars(os.path), "join": join})})
 
 
 def run(ctx: EvalContext) -> list[dict]:
@@ -84,7 +86,7 @@ def run(ctx: EvalContext) -> list[dict]:
         stack.enter_context(mock.patch.object(absorption_main, "run_feature_absortion_experiment", functools.partial(
             absorption_main.run_feature_absortion_experiment, experiment_dir=out / "feature_absorption",
             sparse_probing_experiment_dir=out / "k_sparse_probing", **dirs)))
-        stack.enter_context(_chdir(out))
+        stack.enter_context(mock.patch.object(absorption_main, "os", os_rooted_at(out)))
         (out / "results").mkdir(exist_ok=True)  # sae_bench writes there without creating it
         results = []
         for i, sae in enumerate(ctx.saes):

@@ -21,7 +21,7 @@ if __name__ == "__main__":  # run as a script: import the repository's packages,
     REPO = Path(__file__).resolve().parent.parent
     sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "evals"]
 
-from workbench.config import ConfigError, load_config  # noqa: E402
+from workbench.config import ConfigError, absolute_path, load_config  # noqa: E402
 
 FINAL_INFO = "final_info.json"
 
@@ -64,6 +64,7 @@ def merge(final: dict, results: dict, skipped: dict, record: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.run_dirs = [absolute_path(d) for d in args.run_dirs]  # resolved once, at the entry point
     from workbench.runio import atomic_write_json, code_version
 
     try:

@@ -25,7 +25,8 @@ def lens_sae(sae, run_cfg, name: str = "custom_sae"):
     probe projection of the raw activation). Our saved SAE has decoder rows of norm 1/s (the normalization
     fold). Rescaling latent i by n_i = ||W_dec_i|| (f_i -> n_i f_i, W_dec_i -> W_dec_i / n_i) keeps the
     reconstruction; for TopK it also keeps which latents win only when all n_i are equal, which holds here
-    (trained rows are unit norm, the fold divides all by the same s), so otherwise we leave the rows alone."""
+    (trained rows are unit norm, the fold divides all by the same s), so otherwise we leave the rows alone.
+    JumpReLU thresholds scale with their latent (theta_i -> n_i theta_i), which keeps every latent's gate."""
     from sae_lens import SAE as LensSAE
 
     n_F = sae.W_dec.detach().float().norm(dim=1)
@@ -35,11 +36,14 @@ def lens_sae(sae, run_cfg, name: str = "custom_sae"):
                        "prepend_bos": True, "context_size": run_cfg.data.context_size,
                        "dataset_path": run_cfg.data.dataset, "exclude_special_tokens": True, "sae_name": name})
         lens = LensSAE.load_from_disk(tmp, device="cpu")
-    if uniform:
+    jumprelu = sae.architecture == "jumprelu"
+    if uniform or jumprelu:
         with torch.no_grad():
             lens.W_enc.mul_(n_F[None, :])
             lens.b_enc.mul_(n_F)
             lens.W_dec.div_(n_F[:, None])
+            if jumprelu:
+                lens.threshold.mul_(n_F)
     return lens.eval()
 
 

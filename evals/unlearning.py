@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from unittest import mock
 
 from evals import EvalContext, EvalSkipped
 from evals.sae_bench_bridge import artifacts_dir, llm_dtype, require_hub_datasets, run_sae_bench
@@ -33,16 +34,19 @@ def run(ctx: EvalContext) -> list[dict]:
 
     config = UnlearningEvalConfig(model_name=e.unlearning_model, random_seed=ctx.run_cfg.seed,
                                   llm_batch_size=e.llm_batch_size, llm_dtype=llm_dtype(ctx))
+    from sae_bench.evals.unlearning.utils import feature_activation
+
     out = artifacts_dir(ctx, "unlearning")
-    # sae_bench reads ./sae_bench/evals/unlearning/data/bio-forget-corpus.jsonl relative to the cwd
-    data = out / "sae_bench" / "evals" / "unlearning" / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    link = data / "bio-forget-corpus.jsonl"
-    if not link.exists():
-        link.symlink_to(Path(e.wmdp_corpus).resolve())
-    old = os.getcwd()
-    os.chdir(out)
-    try:
+    # sae_bench opens ./sae_bench/evals/unlearning/data/<corpus>.jsonl relative to the working directory;
+    # its module gets an `open` that reads the configured corpus instead (no chdir, no symlink).
+    with mock.patch.object(feature_activation, "open", create=True, new=corpus_opener(Path(e.wmdp_corpus))):
         return run_sae_bench(run_eval, config, ctx, "unlearning", inject=False, artifacts_path=str(out / "artifacts"))
-    finally:
-        os.chdir(old)
+
+
+def corpus_opener(corpus: Path):
+    """`open` for sae_bench's feature_activation module: its relative forget-corpus path -> `corpus`."""
+    def _open(path, *args, **kwargs):
+        if str(path).endswith("bio-forget-corpus.jsonl") and not os.path.isabs(path):
+            path = corpus
+        return open(path, *args, **kwargs)
+    return _open

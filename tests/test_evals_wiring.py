@@ -114,6 +114,21 @@ def test_lens_sae_has_unit_decoder_rows_and_the_same_reconstruction():
     assert lens.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
 
 
+def test_lens_sae_jumprelu_scales_thresholds_with_their_latents():
+    """A batchtopk/jumprelu SAE with non-uniform decoder norms: unit rows for SAEBench, the same gates."""
+    g = torch.Generator().manual_seed(2)
+    sae = SAE(16, 64, "jumprelu").init_tied_(g, b_dec=torch.randn(16, generator=g))
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(64, 1, generator=g) + 0.5)  # unequal row norms
+        sae.threshold.copy_(torch.rand(64, generator=g))
+    raw = sae.folded(0.01)
+    lens = lens_sae(raw, tiny_run_config())
+    x = torch.randn(32, 16, generator=g) * 100
+    torch.testing.assert_close(lens.decode(lens.encode(x)), raw(x), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(lens.W_dec.norm(dim=1), torch.ones(64), rtol=1e-5, atol=1e-5)
+    assert torch.equal(lens.encode(x) > 0, raw.encode(x) > 0)
+
+
 def test_word_sample_is_seeded_and_sized():
     from transformers import AutoTokenizer  # noqa: F401  (sae_bench's vocab helper needs a fast tokenizer)
 

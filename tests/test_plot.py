@@ -29,7 +29,8 @@ def make_run(root, name, trainer="topk", l0=32.0, ev=0.9, ce=0.95, model="gemma-
 def test_bad_runs_are_each_named_with_a_reason(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     make_run(tmp_path, "run_1")
-    (tmp_path / "run_2").mkdir()                                   # unfinished
+    (tmp_path / "run_2").mkdir()                                   # unfinished: config written, no result
+    (tmp_path / "run_2" / "config.toml").write_text("seed = 42\n")
     (tmp_path / "run_3").mkdir()
     (tmp_path / "run_3" / "final_info.json").write_text("{\"training results")   # truncated JSON
     (tmp_path / "run_4").mkdir()
@@ -49,6 +50,38 @@ def test_bad_runs_are_each_named_with_a_reason(tmp_path, monkeypatch, capsys):
     assert "run_6: final_info.json has no 'run config'" in err
     assert "run_1" not in err
     assert (tmp_path / "figs" / "pareto_l0.png").is_file() and (tmp_path / "figs" / "summary.md").is_file()
+
+
+def test_only_run_directories_are_considered(tmp_path, monkeypatch, capsys):
+    """run_configs/ (and any run_* folder without a run's files) is not a run and is never listed."""
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path, "run_1")
+    (tmp_path / "run_configs").mkdir()
+    (tmp_path / "run_configs" / "quickstart.toml").write_text("seed = 1\n")
+    (tmp_path / "run_notes").mkdir()
+    (tmp_path / "run_9").mkdir()
+    (tmp_path / "run_9" / "checkpoint.pt").write_bytes(b"")      # an interrupted run: named
+    assert [d.name for d in plot.find_runs(tmp_path)] == ["run_1", "run_9"]
+    assert plot.main(["--out", "figs"]) == 0
+    err = capsys.readouterr().err
+    assert "run_configs" not in err and "run_notes" not in err and "run_9: unfinished" in err
+    assert (tmp_path / "figs" / "summary.md").is_file()
+
+
+def test_run_and_out_paths_in_every_form(tmp_path, monkeypatch, capsys):
+    """Relative, absolute, ~-prefixed and space-containing run and --out paths give the same result."""
+    home = tmp_path / "home dir"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    make_run(home, "run_a")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    forms = [("~/run_a", "~/figs 1"), (str(home / "run_a"), str(home / "figs 2")), ("../home dir/run_a", "../home dir/figs 3")]
+    for run_arg, out_arg in forms:
+        assert plot.main([run_arg, "--out", out_arg]) == 0, run_arg
+        out = home / out_arg.split("/")[-1]
+        assert (out / "summary.md").is_file() and "run_a" in (out / "summary.md").read_text()
 
 
 def test_pareto_points_equal_final_info_numbers(tmp_path):

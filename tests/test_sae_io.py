@@ -14,10 +14,12 @@ def trained_like(arch, seed=0, d=12, n=40, k=5):
     with torch.no_grad():  # move away from the tied init so every weight matters
         for p in sae.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
+        if arch == "jumprelu":
+            sae.threshold.copy_(0.2 * torch.rand(n, generator=g))
     return sae
 
 
-@pytest.mark.parametrize("arch", ["topk", "standard"])
+@pytest.mark.parametrize("arch", ["topk", "standard", "jumprelu"])
 def test_fold_equals_trained_sae_on_normalized_inputs(arch):
     g = torch.Generator().manual_seed(1)
     raw = 500 * torch.randn(64, 12, generator=g) + 2000
@@ -31,7 +33,7 @@ def test_fold_equals_trained_sae_on_normalized_inputs(arch):
         torch.testing.assert_close(folded.encode(raw), sae.encode(scaler(raw)), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["topk", "standard"])
+@pytest.mark.parametrize("arch", ["topk", "standard", "jumprelu"])
 def test_saved_sae_loads_in_sae_lens_with_same_outputs(arch, tmp_path):
     from sae_lens import SAE as LensSAE
 

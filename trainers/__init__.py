@@ -5,7 +5,7 @@ The config's `[trainer] name = "..."` picks one; its other keys are that trainer
 from __future__ import annotations
 
 from trainers.base import TRAINERS, StepOutput, Trainer, TrainerConfig, register  # noqa: F401
-from trainers import momentum, progressive, relu, topk  # noqa: F401  (registers)
+from trainers import batchtopk, jumprelu, matryoshka, momentum, progressive, relu, topk  # noqa: F401  (registers)
 
 
 def trainer_config_from_dict(tree: dict) -> TrainerConfig:

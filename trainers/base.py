@@ -82,7 +82,9 @@ class Trainer:
         self.sae = SAE(d_in, d_sae, self.architecture, getattr(cfg, "k", None)).init_tied_(
             gen, b_dec=init_acts_BD.float().mean(0).cpu()).to(device)
         self.lr = cfg.lr or default_lr(d_sae)
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        # the SAE's parameters first (their order fixes Adam's state layout), then any the trainer adds
+        self.params = [*self.sae.parameters(), *self.extra_parameters(init_acts_BD.to(device))]
+        self.optimizer = torch.optim.Adam(self.params, lr=self.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
         warmup = min(cfg.warmup_steps, int(cfg.warmup_max_frac * total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.decay_frac))
@@ -93,6 +95,18 @@ class Trainer:
     # ------------------------------------------------------------ what a trainer defines
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
         raise NotImplementedError
+
+    def extra_parameters(self, init_acts_BD: torch.Tensor) -> list[torch.nn.Parameter]:
+        """Trained parameters beyond the SAE's (e.g. jumprelu's log-thresholds); made once, at init."""
+        return []
+
+    @torch.no_grad()
+    def after_step(self, out: StepOutput) -> None:
+        """State updates after the optimizer step (e.g. batchtopk's threshold EMA)."""
+
+    def summary(self) -> dict:
+        """Trainer-specific numbers for final_info.json (e.g. the inference threshold)."""
+        return {}
 
     # ------------------------------------------------------------ shared step
     @property
@@ -106,10 +120,11 @@ class Trainer:
         out.loss.backward()
         remove_parallel_grad_(self.sae.W_dec)
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         normalize_rows_(self.sae.W_dec)
+        self.after_step(out)
         with torch.no_grad():
             fired_F = (out.latents_BF > 0).any(dim=0)
             self.tokens_since_fired_F += acts_BD.shape[0]

@@ -6,6 +6,7 @@ one line on stderr and exit code 2, before any model loads or any directory is w
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 import types
@@ -37,7 +38,8 @@ class ModelConfig:
     hook: str = param("blocks.12.hook_resid_post", "hook point the SAE reads, e.g. blocks.12.hook_resid_post")
     dtype: str = param("bfloat16", "LM dtype: float32 | bfloat16 | float16")
     device: str = param("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
-    cache_dir: str = param("", "cache for converted embedded weights; '' = $SAE_WB_CACHE or ~/.cache/sae_workbench")
+    cache_dir: str = param("", "cache for converted embedded weights; '' = $SAE_WB_CACHE or ~/.cache/sae_workbench",
+                           path=True)
 
     @property
     def layer(self) -> int:
@@ -84,14 +86,15 @@ class EvalConfig:
     probe_test_set_size: int = param(1000, "sparse_probing: probe test examples per dataset (the seeds')")
     probe_context_length: int = param(128, "sparse_probing / scr / tpp: tokens per example (the seeds')")
     unlearning_model: str = param("", "unlearning: instruction-tuned model to evaluate on (e.g. google/gemma-2-2b-it); '' = skip")
-    wmdp_corpus: str = param("", "unlearning: path to the gated WMDP bio-forget-corpus.jsonl; '' = skip")
+    wmdp_corpus: str = param("", "unlearning: path to the gated WMDP bio-forget-corpus.jsonl; '' = skip", path=True)
     autointerp_n_latents: int = param(1000, "autointerp: latents explained and scored (SAEBench default)")
 
 
 @dataclass
 class CacheConfig:
     enabled: bool = param(True, "reuse activations across runs with the same model, hook, text and budget")
-    dir: str = param("", "activation cache folder; '' = $SAE_WB_CACHE/activations or ~/.cache/sae_workbench/activations")
+    dir: str = param("", "activation cache folder; '' = $SAE_WB_CACHE/activations or ~/.cache/sae_workbench/activations",
+                     path=True)
     max_gb: float = param(50.0, "size limit; least recently used entries are evicted, a larger single run is not cached")
 
 
@@ -230,8 +233,24 @@ def read_toml_tree(path: Path, _seen: tuple = ()) -> dict:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a TOML file (default run_configs/default.toml), apply overrides, validate everything."""
-    path = Path(path) if path else Path(__file__).resolve().parent.parent / "run_configs" / "default.toml"
+    path = Path(path).expanduser() if path else Path(__file__).resolve().parent.parent / "run_configs" / "default.toml"
     return config_from_dict(merge_overrides(read_toml_tree(path), list(overrides)))
+
+
+def absolute_path(path: str | Path) -> Path:
+    """A user-given path as an absolute one: `~` expanded, relative to the working directory at the entry
+    point. Paths are resolved once, when the config is read, so nothing later depends on the cwd."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def resolve_paths(obj: Any) -> None:
+    """Make every field marked path=True (non-empty) absolute, in place, through nested configs."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            resolve_paths(value)
+        elif f.metadata.get("path") and value:
+            setattr(obj, f.name, str(absolute_path(value)))
 
 
 def config_from_dict(tree: dict) -> RunConfig:
@@ -258,6 +277,7 @@ def config_from_dict(tree: dict) -> RunConfig:
             cfg.sweep.append((label, trainer_config_from_dict(deep_merge(trainer_tree, entry) if same else entry)))
         except ConfigError as e:
             raise ConfigError(f"in sweep[{i}] ({label}): {e}") from None
+    resolve_paths(cfg)
     validate(cfg)
     return cfg
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.config import EMBEDDED_MODEL, ModelConfig
+from workbench.config import EMBEDDED_MODEL, ModelConfig, absolute_path
 
 EMBEDDED_N_LAYERS = 18
 EMBEDDED_TL_NAME = "google/gemma-3-270m"  # TransformerLens's architecture entry for the embedded weights
@@ -37,7 +37,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def cache_root(cfg: ModelConfig) -> Path:
-    return Path(cfg.cache_dir or os.environ.get("SAE_WB_CACHE") or Path.home() / ".cache" / "sae_workbench")
+    return absolute_path(cfg.cache_dir or os.environ.get("SAE_WB_CACHE") or Path.home() / ".cache" / "sae_workbench")
 
 
 @contextlib.contextmanager

@@ -2,8 +2,10 @@
 
 Shapes: B batch, D d_in (d_model), F latents (d_sae).
     pre_BF   = (x_BD - b_dec) @ W_enc + b_enc
-    f_BF     = act(pre_BF)                      act = ReLU, or TopK_k(ReLU(.))
+    f_BF     = act(pre_BF)                      act = ReLU, TopK_k(ReLU(.)), or JumpReLU_theta
     x_hat_BD = f_BF @ W_dec + b_dec
+JumpReLU (SAELens "jumprelu"): f_i = ReLU(pre_i) * [pre_i > theta_i]; theta is a per-latent buffer (the
+batchtopk/matryoshka inference threshold, or the jumprelu trainer's learned threshold).
 """
 from __future__ import annotations
 
@@ -19,13 +21,26 @@ SAE_LENS_FORMAT_VERSION = "6.0.0"  # the SAELens on-disk cfg layout this file fo
 
 SAE_WEIGHTS = "sae_weights.safetensors"
 SAE_CFG = "cfg.json"
-ARCHITECTURES = ("standard", "topk")  # SAELens names: ReLU SAE = "standard"
+ARCHITECTURES = ("standard", "topk", "jumprelu")  # SAELens names: ReLU SAE = "standard"
 
 
 def topk_relu(pre_BF: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest entries of ReLU(pre) per row; zero the rest."""
     vals, idx = pre_BF.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(pre_BF).scatter_(-1, idx, vals.relu())
+
+
+def batch_topk_relu(pre_BF: torch.Tensor, k_total: int) -> torch.Tensor:
+    """Keep the k_total largest entries of ReLU(pre) over the whole batch, zero the rest; among entries
+    equal to the smallest kept value, lower flat indices win (deterministic under bfloat16 ties)."""
+    act_BF = pre_BF.relu()
+    flat = act_BF.detach().flatten()
+    k_total = min(k_total, flat.numel())
+    kth = flat.topk(k_total, sorted=False).values.min()
+    keep = flat > kth
+    ties = flat == kth
+    keep |= ties & (ties.cumsum(0) <= k_total - keep.sum())
+    return act_BF * keep.view_as(act_BF)
 
 
 class SAE(nn.Module):
@@ -42,6 +57,8 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
         self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        if architecture == "jumprelu":  # a buffer: trainers set it (EMA or exp of a learned log-threshold)
+            self.register_buffer("threshold", torch.zeros(d_sae, **kw))
 
     @torch.no_grad()
     def init_tied_(self, generator: torch.Generator, b_dec: torch.Tensor | None = None) -> "SAE":
@@ -58,7 +75,11 @@ class SAE(nn.Module):
         return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
 
     def activate(self, pre_BF: torch.Tensor) -> torch.Tensor:
-        return topk_relu(pre_BF, self.k) if self.architecture == "topk" else pre_BF.relu()
+        if self.architecture == "topk":
+            return topk_relu(pre_BF, self.k)
+        if self.architecture == "jumprelu":
+            return pre_BF.relu() * (pre_BF > self.threshold)
+        return pre_BF.relu()
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.activate(self.pre_acts(x_BD))
@@ -81,6 +102,8 @@ class SAE(nn.Module):
         out.b_enc.copy_(self.b_enc)
         out.W_dec.copy_(self.W_dec / scale)
         out.b_dec.copy_(self.b_dec / scale)
+        if self.architecture == "jumprelu":
+            out.threshold.copy_(self.threshold)  # pre is unchanged by the fold, so is theta
         return out
 
     # ------------------------------------------------------------ SAELens on-disk format
@@ -88,7 +111,7 @@ class SAE(nn.Module):
         """cfg.json + sae_weights.safetensors, loadable by sae_lens.SAE.load_from_disk as is."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: p.detach().to(torch.float32).contiguous().cpu() for n, p in self.named_parameters()}
+        tensors = {n: p.detach().to(torch.float32).contiguous().cpu() for n, p in self.state_dict().items()}
         save_file(tensors, str(path / SAE_WEIGHTS))
         cfg = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32",
                "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",

@@ -57,6 +57,7 @@ def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_st
                desc="train", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter() - resume.get("elapsed_s", 0.0)
     last_loss = list(resume.get("last_loss", [math.nan] * len(trainers)))
+    last_l0 = list(resume.get("last_l0", [math.nan] * len(trainers)))  # training L0 (batchtopk: k by design)
     step_s = list(resume.get("step_s", [0.0] * len(trainers)))  # time in each trainer's steps: a sweep entry's cost
     for batch_BD in batches:
         if step >= total_steps:
@@ -72,14 +73,14 @@ def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_st
                 check_finite(trainer, out, step)
                 rec = step_record(trainer, out, step, (step + 1) * batch_size)
                 log.write(rec)
-                last_loss[i] = rec["loss"]
+                last_loss[i], last_l0[i] = rec["loss"], rec["l0"]
                 if wandb_run is not None:
                     wandb_run.log({f"{trainer.name}_{i}/{k}": v for k, v in rec.items()}, step=step)
         step += 1
         bar.update(batch_size)
         if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
             checkpoint({"next_step": step, "elapsed_s": time.perf_counter() - start, "last_loss": last_loss,
-                        "step_s": step_s})
+                        "last_l0": last_l0, "step_s": step_s})
         if step == KILL_AT_STEP:
             os.kill(os.getpid(), signal.SIGKILL)
         if step % every_steps == 0:
@@ -88,4 +89,5 @@ def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_st
     wall = time.perf_counter() - start
     return {"steps": step, "tokens": step * batch_size, "wall_s": wall,
             "tokens_per_s": step * batch_size / wall if wall > 0 else None, "final_loss": last_loss,
+            "final_l0": last_l0,
             "trainer_step_s": step_s}

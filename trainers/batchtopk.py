@@ -1,0 +1,93 @@
+"""BatchTopK SAE (Bussmann et al. 2024), TRAINERS.md section 5.
+
+    pre   = ReLU((x - b_dec) W_enc + b_enc)
+    f     = pre * [pre is among the k*B largest entries of the batch]      (ties: lower flat index first)
+    L     = L_recon + alpha * L_aux                                          (AuxK exactly as topk)
+    theta <- beta_theta * theta + (1 - beta_theta) * min{f_bi : f_bi > 0}   every step from threshold_start_step
+             (the first update sets theta to that minimum; dictionary_learning's rule)
+    inference: f = pre * [pre > theta]
+
+The SAE is saved as a SAELens `jumprelu` SAE whose threshold is theta for every latent, so sae_lens and
+sae_bench load it unchanged. The normalization fold leaves pre-activations, hence theta, unchanged; the
+per-latent rescale that hands SAEBench unit decoder rows scales theta with them (evals/sae_bench_bridge).
+Training L0 is k by construction; the inference L0 (core eval) shows how well theta stands in for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainers.base import StepOutput, Trainer, reconstruction_loss, register
+from trainers.topk import TopKConfig, auxk_loss
+from workbench.config import ConfigError, param
+from workbench.sae import batch_topk_relu
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    k: int = param(32, "mean active latents per token: the batch keeps its k*B largest pre-activations")
+    threshold_beta: float = param(0.999, "EMA rate of the inference threshold theta (dictionary_learning's default)")
+    threshold_start_step: int = param(1000, "first step that updates theta, capped at 5% of all steps "
+                                            "(dictionary_learning's default 1000)")
+
+    def validate(self, run) -> None:
+        super().validate(run)
+        if not 0 <= self.threshold_beta < 1:
+            raise ConfigError(f"config key 'trainer.threshold_beta' must be in [0, 1), got {self.threshold_beta}")
+        if self.threshold_start_step < 0:
+            raise ConfigError("config key 'trainer.threshold_start_step' must be >= 0")
+
+
+@register
+class BatchTopKTrainer(Trainer):
+    name = "batchtopk"
+    Config = BatchTopKConfig
+    architecture = "jumprelu"
+
+    def __init__(self, cfg: BatchTopKConfig, **kw):
+        super().__init__(cfg, **kw)
+        self.threshold_start = min(cfg.threshold_start_step, int(0.05 * self.total_steps))
+        self.threshold_updates = 0
+
+    def reconstruction(self, acts_BD: torch.Tensor, latents_BF: torch.Tensor):
+        """(loss term, its named parts, x_hat): L_recon here; matryoshka sums it over nested prefixes."""
+        recon_BD = self.sae.decode(latents_BF)
+        l_recon = reconstruction_loss(acts_BD, recon_BD)
+        return l_recon, {"recon": l_recon}, recon_BD
+
+    def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
+        cfg = self.cfg
+        pre_BF = self.sae.pre_acts(acts_BD)
+        latents_BF = batch_topk_relu(pre_BF, cfg.k * acts_BD.shape[0])
+        l_recon, parts, recon_BD = self.reconstruction(acts_BD, latents_BF)
+        k_aux = cfg.k_aux or acts_BD.shape[1] // 2
+        l_aux = auxk_loss((acts_BD - recon_BD).detach(), pre_BF, self.dead_mask_F, k_aux, self.sae.W_dec)
+        parts["auxk"] = l_aux
+        stats = {"threshold": float(self.sae.threshold[0])}
+        return StepOutput(l_recon + cfg.auxk_alpha * l_aux, parts, acts_BD, recon_BD, latents_BF, stats)
+
+    @torch.no_grad()
+    def after_step(self, out: StepOutput) -> None:
+        if self.step_count < self.threshold_start:
+            return
+        kept = out.latents_BF[out.latents_BF > 0]
+        if kept.numel() == 0:
+            return
+        smallest = kept.min().float()
+        theta = self.sae.threshold
+        if self.threshold_updates == 0:
+            theta.fill_(smallest)
+        else:
+            theta.mul_(self.cfg.threshold_beta).add_((1 - self.cfg.threshold_beta) * smallest)
+        self.threshold_updates += 1
+
+    def summary(self) -> dict:
+        return {"inference_threshold": float(self.sae.threshold[0]), "threshold_updates": self.threshold_updates}
+
+    def extra_state(self) -> dict:
+        return {**super().extra_state(), "threshold_updates": self.threshold_updates}
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        self.threshold_updates = int(state["threshold_updates"])

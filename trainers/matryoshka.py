@@ -1,0 +1,75 @@
+"""Matryoshka BatchTopK SAE (Bussmann et al. 2025), TRAINERS.md section 5.
+
+Latents 0..n-1 are cut into G consecutive groups (sizes from `group_fractions`); prefix g holds latents
+0..m_g-1, so group 1 (latents 0..m_1-1) is the coarsest dictionary, reused by every larger prefix.
+
+    f      = BatchTopK_k(ReLU(pre))  over all n latents (as batchtopk)
+    x_hat_g = b_dec + sum_{i < m_g} f_i d_i
+    L      = sum_g w_g * (1/B) sum_b ||x_b - x_hat_g,b||^2 + alpha * L_aux     (AuxK on x - x_hat_G)
+
+Inference threshold, its EMA and the saved SAELens `jumprelu` SAE are batchtopk's. With one group the
+loss is batchtopk's exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainers.base import register
+from trainers.batchtopk import BatchTopKConfig, BatchTopKTrainer
+from workbench.config import ConfigError, param
+
+
+@dataclass
+class MatryoshkaConfig(BatchTopKConfig):
+    group_fractions: list = param([1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32],
+                                  "sizes of the nested groups as fractions of n, summing to 1 (SAEBench's default)")
+    group_weights: list = param([], "weight w_g of each prefix's reconstruction loss; [] = uniform 1/G")
+
+    def validate(self, run) -> None:
+        super().validate(run)
+        fr = self.group_fractions
+        if not fr or not all(isinstance(f, (int, float)) and f > 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+            raise ConfigError(f"config key 'trainer.group_fractions' must be positive fractions summing to 1, got {fr}")
+        ends = group_ends(fr, run.sae.d_sae)
+        if any(hi <= lo for lo, hi in zip([0] + ends[:-1], ends)):
+            raise ConfigError(f"config key 'trainer.group_fractions' gives an empty group at sae.d_sae = {run.sae.d_sae}")
+        if self.group_weights and (len(self.group_weights) != len(fr) or any(w < 0 for w in self.group_weights)):
+            raise ConfigError("config key 'trainer.group_weights' must be [] or one weight >= 0 per group")
+
+
+def group_ends(fractions: list, n: int) -> list[int]:
+    """Prefix ends m_1 < ... < m_G = n from group fractions (cumulated, rounded)."""
+    ends, total = [], 0.0
+    for f in fractions:
+        total += f
+        ends.append(int(round(total * n)))
+    ends[-1] = n
+    return ends
+
+
+@register
+class MatryoshkaTrainer(BatchTopKTrainer):
+    name = "matryoshka"
+    Config = MatryoshkaConfig
+
+    def __init__(self, cfg: MatryoshkaConfig, **kw):
+        super().__init__(cfg, **kw)
+        self.ends = group_ends(cfg.group_fractions, self.sae.d_sae)
+        G = len(self.ends)
+        self.weights = [float(w) for w in cfg.group_weights] if cfg.group_weights else [1.0 / G] * G
+
+    def reconstruction(self, acts_BD: torch.Tensor, latents_BF: torch.Tensor):
+        W_dec, loss, start = self.sae.W_dec, 0.0, 0
+        recon_BD = self.sae.b_dec.expand_as(acts_BD)
+        prefix_losses = []
+        for end, w in zip(self.ends, self.weights):  # x_hat_g = x_hat_{g-1} + group g's part: one pass over W_dec
+            recon_BD = recon_BD + latents_BF[:, start:end] @ W_dec[start:end]
+            l_g = (acts_BD - recon_BD).pow(2).sum(dim=-1).mean()
+            prefix_losses.append(l_g.detach())
+            loss = loss + w * l_g
+            start = end
+        parts = {"recon": prefix_losses[-1], "matryoshka": loss.detach()}
+        parts.update({f"recon_prefix{g + 1}": v for g, v in enumerate(prefix_losses[:-1])})
+        return loss, parts, recon_BD
