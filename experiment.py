@@ -81,14 +81,15 @@ def train_texts(cfg: RunConfig, epochs: list[int]):
 class LazyLM:
     """Loads the LM on first use: a warm-cache run without LM-based evals never loads it."""
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg, self.model, self.load_s = cfg, None, 0.0
+    def __init__(self, cfg: RunConfig, phases):
+        self.cfg, self.model, self.load_s, self.phases = cfg, None, 0.0, phases
 
     def get(self):
         if self.model is None:
             from workbench.lm import load_lm
             start = time.perf_counter()
-            self.model = load_lm(self.cfg.model)
+            with self.phases("model load"):
+                self.model = load_lm(self.cfg.model)
             self.load_s = time.perf_counter() - start
         return self.model
 
@@ -171,7 +172,8 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
     from trainers import make_trainer
     from workbench.activations import ActivationScaler, MixingBuffer
     from workbench.config import sweep_runs
-    from workbench.lm import resolve_device
+    from workbench.lm import cache_root, resolve_device
+    from workbench.phases import Phases
     from workbench.runio import JsonlLog, atomic_write_json, atomic_write_text, code_version
     from workbench.training import train
 
@@ -180,7 +182,10 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.model.device)
     layer, hook = cfg.model.layer, cfg.model.hook
-    lm = LazyLM(cfg)
+    phases = Phases(["model load", "training", *cfg.eval.types], cache_root(cfg.model) / "phase_times.json",
+                    setup_key=json.dumps([cfg.model.name, hook, cfg.model.dtype, device.type, cfg.data.train_tokens,
+                                          cfg.sae.d_sae, len(cfg.sweep) + 1]), enabled=cfg.log.progress)
+    lm = LazyLM(cfg, phases)
 
     # ---- activations: from the cache when a previous run stored this stream, else from the LM
     mixbuf = MixingBuffer(cfg.data.buffer_batches * cfg.sae.batch_size, cfg.sae.batch_size,
@@ -237,9 +242,10 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
         wandb_run = wandb.init(project=cfg.log.wandb_project, name=out_dir.name, config=config_to_dict(cfg))
     logs = [JsonlLog(run_dir / "train_log.jsonl") for run_dir, _ in runs]
     try:
-        stats = train(trainers, batches, cfg.total_steps, cfg.sae.batch_size, logs, cfg.log.every_steps,
-                      progress=cfg.log.progress, wandb_run=wandb_run, resume=ckpt["loop"] if ckpt else None,
-                      checkpoint=save_checkpoint, checkpoint_every=cfg.log.checkpoint_every)
+        with phases("training"):
+            stats = train(trainers, batches, cfg.total_steps, cfg.sae.batch_size, logs, cfg.log.every_steps,
+                          progress=cfg.log.progress, wandb_run=wandb_run, resume=ckpt["loop"] if ckpt else None,
+                          checkpoint=save_checkpoint, checkpoint_every=cfg.log.checkpoint_every)
     finally:
         for log in logs:
             log.close()
@@ -261,7 +267,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
     if cfg.eval.types:
         model = lm.get()
         eval_ctx = build_context(cfg, model, saes, out_dir / "eval_artifacts")
-        results, skipped = run_evals(cfg.eval.types, eval_ctx)
+        results, skipped = run_evals(cfg.eval.types, eval_ctx, phases)
     wall = time.perf_counter() - t0
 
     out = []

@@ -3,12 +3,13 @@
 clean forward passes is done once). An eval that cannot run here raises EvalSkipped with the reason."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ class EvalContext:
     artifacts_root: Path       # per-run eval artifacts (the run directory's eval_artifacts/)
     cache_root: Path           # reusable eval work keyed by what changes it (probes, model activations)
     progress: bool = True
+    # parts of an eval left out on purpose (e.g. sae_probes' raw-activation baseline): {name: reason},
+    # reported under "skipped evaluations" next to whole evals that were skipped
+    skipped_parts: dict = field(default_factory=dict)
 
 
 def build_context(cfg, model, saes: list, artifacts_root: Path) -> EvalContext:
@@ -50,10 +54,12 @@ EVALS = set(MODULES)
 
 
 def module(name: str):
-    return importlib.import_module(f"evals.{MODULES[name]}")
+    """The eval's module; a skipped part's name (e.g. sae_probes_llm_baseline) maps to its eval's."""
+    owner = name if name in MODULES else max((m for m in MODULES if name.startswith(m + "_")), key=len)
+    return importlib.import_module(f"evals.{MODULES[owner]}")
 
 
-def run_evals(names: list[str], ctx: EvalContext) -> tuple[list[dict], dict]:
+def run_evals(names: list[str], ctx: EvalContext, phases=None) -> tuple[list[dict], dict]:
     """(per SAE: results by final_info key; skipped {name: reason}). Each eval's wall time is printed.
 
     An eval that crashes does not take the trained SAEs and the other evals down with it: it is
@@ -65,7 +71,8 @@ def run_evals(names: list[str], ctx: EvalContext) -> tuple[list[dict], dict]:
     for name in names:
         mod, start = module(name), time.perf_counter()
         try:
-            per_eval = [json_safe(r) for r in mod.run(ctx)]
+            with phases(name) if phases else contextlib.nullcontext():
+                per_eval = [json_safe(r) for r in mod.run(ctx)]
             json.dumps(per_eval, allow_nan=False)  # a result that cannot be written fails here, named
             for per_sae, result in zip(results, per_eval):
                 per_sae[mod.KEY] = result
@@ -79,4 +86,5 @@ def run_evals(names: list[str], ctx: EvalContext) -> tuple[list[dict], dict]:
             skipped[name] = f"failed: {type(e).__name__}: {str(e)[:300]} (traceback: {ctx.artifacts_root / name}.error.txt)"
             print(f"eval {name}: FAILED ({type(e).__name__}: {e}); see {ctx.artifacts_root / name}.error.txt",
                   file=sys.stderr)
+    skipped.update(ctx.skipped_parts)
     return results, skipped

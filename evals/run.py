@@ -73,7 +73,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from evals import build_context, run_evals
-    from workbench.lm import load_lm
+    from workbench.lm import cache_root, load_lm
+    from workbench.phases import Phases
     from workbench.sae import SAE
 
     groups: dict[str, list] = {}  # runs evaluated together share everything the evals read but the SAE
@@ -84,10 +85,14 @@ def main(argv=None) -> int:
     for members in groups.values():
         cfg = members[0][1]
         start = time.perf_counter()
-        model = load_lm(cfg.model)
+        phases = Phases(["model load", *cfg.eval.types], cache_root(cfg.model) / "phase_times.json",
+                        setup_key=json.dumps(["re-evaluation", cfg.model.name, cfg.model.hook, len(members)]),
+                        enabled=cfg.log.progress)
+        with phases("model load"):
+            model = load_lm(cfg.model)
         saes = [SAE.load(run_dir / "sae") for run_dir, _, _ in members]
         ctx = build_context(cfg, model, saes, members[0][0] / "eval_artifacts")
-        results, skipped = run_evals(cfg.eval.types, ctx)
+        results, skipped = run_evals(cfg.eval.types, ctx, phases)
         record = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "types": cfg.eval.types,
                   "overrides": args.set, "code_version": code_version(), "wall_s": time.perf_counter() - start,
                   "command": " ".join(["python", "evals/run.py", *(argv if argv is not None else sys.argv[1:])])}

@@ -34,6 +34,10 @@ def run(ctx: EvalContext) -> list[dict]:
                                               include_llm_baseline=e.sae_probes_llm_baseline)
     if e.sae_probes_datasets:
         config.dataset_names = list(e.sae_probes_datasets)
+    if not e.sae_probes_llm_baseline:
+        ctx.skipped_parts["sae_probes_llm_baseline"] = (
+            "the raw-activation probe baseline (the probing ceiling) is off: it costs ~70 s per dataset on a "
+            "2-core CPU, once per model, hook and seed (then cached); set eval.sae_probes_llm_baseline=true")
     model_activations(ctx, config.dataset_names, acts_cache)
     # SAE probe results are per run and never reused (sae_probes skips any dataset whose result file
     # exists); the raw-activation baseline depends only on model, hook and seed: it lives in the cache.

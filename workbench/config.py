@@ -77,6 +77,8 @@ class EvalConfig:
     variance_tokens: int = param(200_000, "held-out tokens for the reconstruction, sparsity and shrinkage part of core")
     llm_batch_size: int = param(32, "prompts per LM forward in the sae_bench evals (the seeds: 32 on gemma-2-2b)")
     absorption_words: int = param(0, "absorption: seeded sample of single-token alphabetic words (0 = all, as SAEBench)")
+    absorption_words_per_letter: int = param(0, "absorption: stratified sample, up to this many words per first "
+                                                "letter (rare letters get enough to probe); 0 = use absorption_words")
     absorption_min_letters: int = param(20, "absorption: letters whose ground-truth probe F1 > 0.6 needed for a result")
     sae_probes_datasets: list = param([], "sae_probes: dataset names shipped in the sae_probes wheel ([] = all 113)")
     sae_probes_ks: list = param([1, 2, 5], "sae_probes: numbers of latents k the probes may use")
@@ -318,8 +320,9 @@ def validate(cfg: RunConfig) -> None:
     from evals import EVALS
     unknown = [t for t in e.types if t not in EVALS]
     _check(not unknown, "eval.types", f"names unknown evaluation(s) {unknown}; known: {sorted(EVALS)}")
-    _check(e.llm_batch_size >= 1 and e.absorption_min_letters >= 1 and e.absorption_words >= 0, "eval",
-           "llm_batch_size and absorption_min_letters must be >= 1, absorption_words >= 0")
+    _check(e.llm_batch_size >= 1 and e.absorption_min_letters >= 1 and e.absorption_words >= 0
+           and e.absorption_words_per_letter >= 0, "eval",
+           "llm_batch_size and absorption_min_letters must be >= 1, absorption_words(_per_letter) >= 0")
     for name in ("sae_probes_ks", "probe_k_values"):
         ks = getattr(e, name)
         _check(bool(ks) and all(isinstance(k, int) and k >= 1 for k in ks), f"eval.{name}", "must be a list of ints >= 1")
