@@ -1,4 +1,4 @@
-"""Training-step time of topk vs momentum vs progressive, float32 and bfloat16 autocast, side by side.
+"""Training-step time of every trainer against topk, float32 and bfloat16 autocast, side by side.
 
     python bench/bench_trainers.py [--steps 10] [--sizes cpu|gpu|all]
 
@@ -23,7 +23,11 @@ TRAINER_SETTINGS = {
     "topk": {"name": "topk"},
     "momentum": {"name": "momentum", "base": "topk", "beta": 0.9, "tau": 0.5, "lambda2": 0.1},
     "progressive": {"name": "progressive", "theta0": 0.5, "lambda2_max": 0.1, "gamma": 2.0},
+    "batchtopk": {"name": "batchtopk"},
+    "matryoshka": {"name": "matryoshka"},
+    "jumprelu": {"name": "jumprelu"},
 }
+NO_K = {"jumprelu"}  # sparsity set by its L0 penalty (init_l0 = k), not a k key
 
 
 def synthetic_acts(n_tokens: int, d: int, device, seed=0) -> torch.Tensor:
@@ -42,7 +46,8 @@ def time_steps(name: str, d: int, n: int, B: int, k: int, steps: int, device,
     cfg = config_from_dict({"model": {"name": "gemma-3-270m", "hook": "blocks.6.hook_resid_post"},
                             "data": {"dataset": "embedded", "train_tokens": B * (steps + 5)},
                             "sae": {"d_sae": n, "batch_size": B},
-                            "trainer": {**TRAINER_SETTINGS[name], "k": k, "warmup_steps": 0}})
+                            "trainer": {**TRAINER_SETTINGS[name], "warmup_steps": 0,
+                                        **({"init_l0": float(k)} if name in NO_K else {"k": k})}})
     acts = synthetic_acts(B * 4, d, device)
     trainer = make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=1000, total_tokens=1000 * B,
                            init_acts_BD=acts[:B], seed=0, device=device, compute_dtype=compute_dtype)

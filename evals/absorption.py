@@ -69,8 +69,11 @@ def run(ctx: EvalContext) -> list[dict]:
     from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
 
     cfg, e = ctx.run_cfg, ctx.run_cfg.eval
+    # precalc: the k-sparse probes read the SAE's latents computed once, not re-encoded per probe (260
+    # probes); the same numbers, SAEBench leaves it off only to save GPU memory at 65k-latent widths
     config = AbsorptionEvalConfig(model_name=cfg.model.name, random_seed=cfg.seed, llm_batch_size=e.llm_batch_size,
-                                  llm_dtype=llm_dtype(ctx), min_feats_for_eval=e.absorption_min_letters)
+                                  llm_dtype=llm_dtype(ctx), min_feats_for_eval=e.absorption_min_letters,
+                                  precalc_k_sparse_probe_sae_acts=True)
     words, n_vocab_words = word_sample(ctx.model.tokenizer, e.absorption_words, config.random_seed,
                                        e.absorption_words_per_letter)
     device, layer = device_of(ctx), cfg.model.layer

@@ -55,6 +55,40 @@ def hub_offline():
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """transformers reads the GGUF three times (config, tokenizer, weights), each time parsing its 262k-token
+    vocabulary into Python objects (~20 s apiece on a 2-core CPU). Within this block the file is parsed
+    once: one reader, and the metadata of the first metadata-only read handed out again (as a copy)."""
+    import copy
+
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    real_reader, real_load = gguf.GGUFReader, gguf_utils.load_gguf_checkpoint
+    readers: dict[str, object] = {}
+    metadata: dict[str, dict] = {}
+
+    def reader(path, *args, **kwargs):
+        key = str(path)
+        if key not in readers:
+            readers[key] = real_reader(path, *args, **kwargs)
+        return readers[key]
+
+    def load(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return real_load(path, return_tensors=return_tensors, **kwargs)
+        if str(path) not in metadata:
+            metadata[str(path)] = real_load(path, return_tensors=False)
+        return copy.deepcopy(metadata[str(path)])
+
+    gguf.GGUFReader, gguf_utils.load_gguf_checkpoint = reader, load
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf_utils.load_gguf_checkpoint = real_reader, real_load
+
+
 def embedded_checkpoint(cfg: ModelConfig) -> Path:
     """Path of the converted embedded checkpoint, converting the GGUF once if needed (atomic rename)."""
     target = cache_root(cfg) / "gemma-3-270m-hf"
@@ -68,7 +102,7 @@ def embedded_checkpoint(cfg: ModelConfig) -> Path:
 
     gguf = Path(gguf_pkg.assemble())
     target.parent.mkdir(parents=True, exist_ok=True)
-    with hub_offline():
+    with hub_offline(), gguf_parsed_once():
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # HookedTransformer refuses a config that carries the GGUF quantization_config: rebuild without it.
