@@ -24,6 +24,10 @@ def args_for(out, cache, trainer, use_cache=True):
         sets += ["cache.enabled=false"]
     if trainer == "momentum":
         sets += ["trainer.name='momentum'", "trainer.base='topk'", "trainer.lambda2=0.5", "trainer.tau=0.3"]
+    if trainer == "batchtopk":  # threshold EMA from step 10 (5% of 200): a resume must carry theta and its count
+        sets += ["trainer.name='batchtopk'"]
+    if trainer == "jumprelu":   # learned log-thresholds and their Adam state
+        sets = [s for s in sets if s != "trainer.k=8"] + ["trainer.name='jumprelu'", "trainer.init_l0=8.0"]
     return [f"--out_dir={out}", "--config", str(ROOT / "run_configs/quickstart.toml")] + \
         [a for s in sets for a in ("--set", s)]
 
@@ -33,7 +37,8 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("resume_cache")
 
 
-@pytest.mark.parametrize("trainer,use_cache", [("topk", True), ("momentum", True), ("topk", False)])
+@pytest.mark.parametrize("trainer,use_cache", [("topk", True), ("momentum", True), ("topk", False),
+                                               ("batchtopk", True), ("jumprelu", True)])
 def test_sigkill_then_resume_matches_uninterrupted(trainer, use_cache, cache, tmp_path, capsys):
     ref = tmp_path / "run_ref"
     assert experiment.main(args_for(ref, cache, trainer, use_cache)) == 0  # also fills the activation cache
@@ -64,6 +69,10 @@ def test_sigkill_then_resume_matches_uninterrupted(trainer, use_cache, cache, tm
         ma = json.loads((ref / "trainer_artifacts.json").read_text())["momentum_final"]
         mb = json.loads((out / "trainer_artifacts.json").read_text())["momentum_final"]
         assert max(abs(x - y) for x, y in zip(ma, mb)) <= 1e-6
+    if trainer in ("batchtopk", "jumprelu"):  # thresholds are in the weights file; the EMA's count here
+        ref_fi = json.loads((ref / "final_info.json").read_text())["training results for layer 6"]["final_info"]
+        fi = info["training results for layer 6"]["final_info"]
+        assert "threshold" in b and fi.get("threshold_updates") == ref_fi.get("threshold_updates")
     # finished now: a second call refuses and changes nothing
     before = (out / "final_info.json").read_text()
     assert experiment.main([f"--out_dir={out}"]) == 2

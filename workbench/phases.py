@@ -18,6 +18,7 @@ class Phases:
         self.names, self.history, self.key, self.enabled = list(names), history, setup_key, enabled
         self.stream = stream or sys.stderr
         self.took: dict[str, float] = {}
+        self.started: list[str] = []  # numbered in the order they start (a warm run loads the LM after training)
 
     def _load(self) -> dict:
         try:
@@ -36,7 +37,9 @@ class Phases:
     def __call__(self, name: str):
         if name not in self.names:
             self.names.append(name)
-        tag = f"[{self.names.index(name) + 1}/{len(self.names)}] {name}"
+        if name not in self.started:
+            self.started.append(name)
+        tag = f"[{self.started.index(name) + 1}/{len(self.names)}] {name}"
         eta = self.eta(name)
         self._say(f"{tag}: started" + (f", ETA ~{eta:.0f} s (the last run with this setup)" if eta else
                                        " (first run with this setup: no ETA yet)"))
