@@ -41,7 +41,7 @@ class Phases:
             self.started.append(name)
         tag = f"[{self.started.index(name) + 1}/{len(self.names)}] {name}"
         eta = self.eta(name)
-        self._say(f"{tag}: started" + (f", ETA ~{eta:.0f} s (the last run with this setup)" if eta else
+        self._say(f"{tag}: started" + (f", ETA ~{eta:.0f} s (the last run with this setup)" if eta is not None else
                                        " (first run with this setup: no ETA yet)"))
         start = time.perf_counter()
         yield
