@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # the quickstart at a size a test affords; absorption and sae_probes stay in, at reduced size
 SMALL = ["data.train_tokens=16384", "data.norm_tokens=4000", "data.buffer_batches=4", "sae.d_sae=512",
          "sae.batch_size=512", "trainer.k=16", "eval.ce_contexts=4", "eval.variance_tokens=3000",
-         "eval.absorption_words=1500", "eval.absorption_min_letters=3",
-         "eval.sae_probes_datasets=['5_hist_fig_ismale']", "log.progress=false"]
+         "eval.absorption_words_per_letter=40", "eval.absorption_min_letters=3",
+         "eval.sae_probes_datasets=['155_athlete_sport_basketball']", "log.progress=false"]
 
 
 def readme_command_1() -> str:
