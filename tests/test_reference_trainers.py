@@ -77,9 +77,12 @@ def test_batchtopk_loss_l0_and_threshold_ema():
     assert tr.summary()["threshold_updates"] == len(data) - 3
 
 
-def test_batchtopk_start_step_is_capped_at_five_percent():
-    cfg = tiny_run_config(name="batchtopk", k=4)  # threshold_start_step default 1000
-    assert make(cfg, batches(1)[0], total_steps=100).threshold_start == 5
+def test_batchtopk_start_step_and_ema_memory_are_capped_by_run_length():
+    cfg = tiny_run_config(name="batchtopk", k=4)  # threshold_start_step 1000, threshold_beta 0.999 by default
+    short = make(cfg, batches(1)[0], total_steps=100)
+    assert short.threshold_start == 5 and short.threshold_beta == pytest.approx(1 - 4 / 95)
+    long = make(cfg, batches(1)[0], total_steps=100_000)
+    assert long.threshold_start == 1000 and long.threshold_beta == 0.999
 
 
 def test_batchtopk_loss_matches_formula():
