@@ -80,8 +80,8 @@ class JumpReLUConfig(TrainerConfig):
             raise ConfigError("config keys 'trainer.l0_coeff' (>= 0) / 'trainer.l0_warmup_frac' ([0, 1]) out of range")
         if self.bandwidth <= 0:
             raise ConfigError(f"config key 'trainer.bandwidth' must be > 0, got {self.bandwidth}")
-        if self.init_threshold < 0 or not 0 < self.init_l0 <= run.sae.d_sae:
-            raise ConfigError("config keys 'trainer.init_threshold' (>= 0) / 'trainer.init_l0' (1..d_sae) out of range")
+        if self.init_threshold < 0 or self.init_l0 <= 0:
+            raise ConfigError("config keys 'trainer.init_threshold' (>= 0) / 'trainer.init_l0' (> 0) out of range")
 
 
 @register
@@ -97,7 +97,7 @@ class JumpReLUTrainer(Trainer):
         else:
             with torch.no_grad():
                 pre_BF = self.sae.pre_acts(init_acts_BD[:4096].float())
-                rank = max(1, round((1 - cfg.init_l0 / self.sae.d_sae) * pre_BF.shape[0]))
+                rank = max(1, round((1 - min(1.0, cfg.init_l0 / self.sae.d_sae)) * pre_BF.shape[0]))
                 theta_F = pre_BF.kthvalue(rank, dim=0).values.clamp_min(1e-3)  # exp(log theta) stays positive
         self.log_threshold_F = torch.nn.Parameter(theta_F.log())
         self.sae.threshold.copy_(theta_F)
