@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--sizes", default="all", choices=["cpu", "gpu", "all"])
+    p.add_argument("--trainers", nargs="+", default=list(TRAINER_SETTINGS), choices=list(TRAINER_SETTINGS),
+                   help="which trainers (topk, the reference for the ratios, always runs first)")
     args = p.parse_args(argv)
     sizes = []
     if args.sizes in ("cpu", "all"):
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     for label, device, d, n, B, k in sizes:
         print(f"\n[{label}] d={d} n={n} B={B} k={k} device={device} threads={torch.get_num_threads()}")
         base = None
-        for name in TRAINER_SETTINGS:
+        for name in ["topk"] + [t for t in args.trainers if t != "topk"]:
             sec, stats = time_steps(name, d, n, B, k, args.steps, device)
             sec16, _ = time_steps(name, d, n, B, k, args.steps, device, compute_dtype="bfloat16")
             base = base or sec
