@@ -7,6 +7,7 @@ import pytest
 import experiment
 from workbench.config import ConfigError, config_to_dict, load_config, to_toml
 
+ROOT = Path(__file__).resolve().parent.parent
 QS = "run_configs/quickstart.toml"
 
 BAD = [
@@ -158,3 +159,27 @@ def test_sweep_entries_merge_and_are_validated(tmp_path):
         load_config(QS, ["sweep=[{k=99999}]"])
     with pytest.raises(ConfigError, match="label"):
         load_config(QS, ["sweep=[{label='a b'}]"])
+
+
+def test_user_paths_in_every_form_resolve_once_to_absolute(tmp_path, monkeypatch):
+    """cache.dir, model.cache_dir, eval.wmdp_corpus and --config: relative, absolute, ~ and spaces all end
+    absolute, so nothing later depends on the working directory."""
+    from workbench.config import absolute_path, load_config
+
+    home, cwd = tmp_path / "my home", tmp_path / "work dir"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    (home / "cfg dir").mkdir()
+    (home / "cfg dir" / "run.toml").write_text('extends = "%s"\n' % (ROOT / "run_configs" / "quickstart.toml"))
+    forms = {"~/a cache": home / "a cache", "rel/cache": cwd / "rel" / "cache",
+             str(tmp_path / "abs cache"): tmp_path / "abs cache", "../up": tmp_path / "up"}
+    for given, expected in forms.items():
+        for config in ("~/cfg dir/run.toml", str(home / "cfg dir" / "run.toml"), "../my home/cfg dir/run.toml"):
+            cfg = load_config(config, [f"cache.dir='{given}'", f"model.cache_dir='{given}'",
+                                       f"eval.wmdp_corpus='{given}/c.jsonl'"])
+            assert cfg.cache.dir == str(expected) and cfg.model.cache_dir == str(expected), (given, config)
+            assert cfg.eval.wmdp_corpus == str(expected / "c.jsonl")
+        assert absolute_path(given) == expected
+    assert load_config(ROOT / "run_configs" / "quickstart.toml").cache.dir == ""  # '' keeps its meaning
