@@ -191,8 +191,7 @@ def pareto_figure(plt, runs, title):
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[t], label=t, s=50)
             for x, y, r in pts:
                 ax.annotate(r.label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("L0")
+        log_l0_axis(ax)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         if ax.collections:
@@ -202,6 +201,21 @@ def pareto_figure(plt, runs, title):
     return fig
 
 
+def log_l0_axis(ax) -> None:
+    """L0 on a log axis with plain numbers: runs at L0 29-32 fall inside one decade, where matplotlib's
+    default minor labels (2.9x10^1, ...) overprint each other."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    lo, hi = ax.get_xlim()
+    if hi / lo < 10:  # within a decade: a few plain ticks instead of the empty major grid
+        import numpy as np
+        ax.set_xticks([float(f"{t:.3g}") for t in np.geomspace(lo, hi, 5)[1:-1]])
+    ax.set_xlabel("L0")
+
+
 def absorption_vs_l0_figure(plt, runs, title):
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in runs:
@@ -209,8 +223,7 @@ def absorption_vs_l0_figure(plt, runs, title):
         y = r.metric(ABS, "eval_result_metrics", "mean", "mean_absorption_fraction_score")
         if not (math.isnan(x) or math.isnan(y)):
             ax.scatter([x], [y], label=r.label)
-    ax.set_xscale("log")
-    ax.set_xlabel("L0")
+    log_l0_axis(ax)
     ax.set_ylabel("mean absorption fraction")
     if ax.collections:
         ax.legend(fontsize=7)
