@@ -233,7 +233,10 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
         state = {"version": 1, "cfg": cfg, "d_in": d_in, "scale": scaler.scale, "loop": loop_state,
                  "buffer": mixbuf.state_dict(), "trainers": [t.state_dict() for t in trainers]}
         tmp = out_dir / f".{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the last good checkpoint
         os.replace(tmp, out_dir / CHECKPOINT)
 
     wandb_run = None

@@ -1,4 +1,5 @@
 """Bad configs fail before any work, with one line naming the key; good ones round-trip."""
+import json
 import tomllib
 from pathlib import Path
 
@@ -183,3 +184,13 @@ def test_user_paths_in_every_form_resolve_once_to_absolute(tmp_path, monkeypatch
             assert cfg.eval.wmdp_corpus == str(expected / "c.jsonl")
         assert absolute_path(given) == expected
     assert load_config(ROOT / "run_configs" / "quickstart.toml").cache.dir == ""  # '' keeps its meaning
+
+
+@pytest.mark.parametrize("text", ["a\nb", 'say "hi"', "back\\slash", "tab\there", "ünïcödé ✓", "bell\x07", ""])
+def test_config_toml_round_trips_every_string_form(text):
+    """A run's config.toml must parse back (resume and evals/run.py read it): newline, quote, backslash,
+    tab, non-ASCII and control characters included."""
+    cfg = load_config(QS, [f"log.wandb_project={json.dumps(text)}"] if text else ["log.wandb_project=''"])
+    assert cfg.log.wandb_project == text
+    back = tomllib.loads(to_toml(config_to_dict(cfg)))
+    assert back["log"]["wandb_project"] == text
