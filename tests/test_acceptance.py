@@ -3,8 +3,8 @@
 point `python evals/run.py` on the real embedded model, and must reproduce the stored core, absorption
 and sae_probes numbers in tests/data/acceptance_expected.json within the tolerances below.
 
-Absorption is sized for a test here (1500 words, >= 10 letters; the quickstart uses 8000 words and 20
-letters); sae_probes runs on two of its datasets without the raw-activation baseline. Seeds are applied, so on one machine the numbers repeat exactly; the tolerances allow for
+Absorption is sized for a test here (1500 words sampled uniformly, >= 10 letters; the quickstart uses
+150 words per letter and 20 letters); sae_probes runs on two of its datasets without the raw-activation baseline. Seeds are applied, so on one machine the numbers repeat exactly; the tolerances allow for
 other CPUs' float rounding."""
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ TOLERANCE = {  # absolute
     "sae_probes.sae_top_1_test_accuracy": 0.02, "sae_probes.sae_top_5_test_accuracy": 0.02,
 }
 SETTINGS = ["eval.ce_contexts=16", "eval.variance_tokens=8000", "eval.absorption_words=1500",
+            "eval.absorption_words_per_letter=0",  # the uniform 1500-word sample the expectations were stored with
             "eval.absorption_min_letters=10", "eval.sae_probes_datasets=['119_us_state_TX', '24_headline_isiran']",
             "eval.sae_probes_llm_baseline=false"]
 TYPES = ["core", "absorption", "sae_probes"]
