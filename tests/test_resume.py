@@ -26,9 +26,11 @@ def args_for(out, cache, trainer, use_cache=True):
         sets += ["trainer.name='momentum'", "trainer.base='topk'", "trainer.lambda2=0.5", "trainer.tau=0.3"]
     if trainer == "batchtopk":  # threshold EMA from step 10 (5% of 200): a resume must carry theta and its count
         sets += ["trainer.name='batchtopk'"]
-    if trainer == "jumprelu":   # learned log-thresholds and their Adam state
-        sets = [s for s in sets if s != "trainer.k=8"] + ["trainer.name='jumprelu'", "trainer.init_l0=8.0"]
-    return [f"--out_dir={out}", "--config", str(ROOT / "run_configs/quickstart.toml")] + \
+    config = "run_configs/quickstart.toml"
+    if trainer == "jumprelu":   # learned log-thresholds and their Adam state; its preset has no k key
+        config = "run_configs/quickstart_jumprelu.toml"
+        sets = [s for s in sets if s != "trainer.k=8"] + ["trainer.init_l0=8.0"]
+    return [f"--out_dir={out}", "--config", str(ROOT / config)] + \
         [a for s in sets for a in ("--set", s)]
 
 
