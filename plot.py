@@ -47,8 +47,11 @@ class Run:
         return self.config.get("trainer", {}).get("name", "?")
 
     def metric(self, *path: str) -> float:
-        """A number from final_info.json by key path, NaN when absent (a gap in the figure)."""
+        """A number from final_info.json by key path, NaN when absent (a gap in the figure). A path that
+        starts with TRAINING reads the "training results for layer L" block, whatever L is."""
         node = self.info
+        if path and path[0] == TRAINING:
+            node, path = self.training, path[1:]
         for key in path:
             if not isinstance(node, dict) or key not in node:
                 return NAN
@@ -140,6 +143,7 @@ def bar_figure(plt, runs, panels, title):
 
 
 CORE = "core evaluation results"
+TRAINING = "training results"  # stands for "training results for layer L" in a metric path
 ABS = "absorption evaluation results"
 PANELS = {
     "absorption_comparison": [
@@ -179,7 +183,7 @@ def pareto_figure(plt, runs, title):
     """L0 vs explained variance and L0 vs CE-loss score, one marker (and colour) per trainer."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     trainers = sorted({r.trainer for r in runs})
-    markers = dict(zip(trainers, "osD^vP*X"))
+    markers = dict(zip(trainers, "osD^vP*Xh<>p"))
     for ax, (name, path) in zip(axes, [("explained variance", ("reconstruction_quality", "explained_variance")),
                                        ("CE-loss score", ("model_performance_preservation", "ce_loss_score"))]):
         for t in trainers:
@@ -319,6 +323,8 @@ SUMMARY_COLUMNS = [
     ("KL score", (CORE, "metrics", "model_behavior_preservation", "kl_div_score")),
     ("alive", (CORE, "metrics", "misc", "frac_alive")),
     ("absorption", (ABS, "eval_result_metrics", "mean", "mean_absorption_fraction_score")),
+    ("full absorption", (ABS, "eval_result_metrics", "mean", "mean_full_absorption_score")),
+    ("max cos", (TRAINING, "final_info", "mean_max_decoder_cosine")),
 ]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import evals  # noqa: E402,F401  (registers the evals with the config loader)
 from trainers import make_trainer  # noqa: E402
 from workbench.config import config_from_dict  # noqa: E402
 
@@ -26,6 +27,10 @@ TRAINER_SETTINGS = {
     "batchtopk": {"name": "batchtopk"},
     "matryoshka": {"name": "matryoshka"},
     "jumprelu": {"name": "jumprelu"},
+    "ortsae": {"name": "ortsae", "gamma": 64.0},
+    "ortsae_bf16search": {"name": "ortsae", "gamma": 64.0, "search_dtype": "bfloat16"},  # the argmax search's dtype
+    "c2r": {"name": "c2r", "base": "topk", "lam": 1.0},
+    "c2r_bf16search": {"name": "c2r", "base": "topk", "lam": 1.0, "search_dtype": "bfloat16"},
 }
 NO_K = {"jumprelu"}  # sparsity set by its L0 penalty (init_l0 = k), not a k key
 
@@ -66,11 +71,13 @@ def time_steps(name: str, d: int, n: int, B: int, k: int, steps: int, device,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--sizes", default="all", choices=["cpu", "gpu", "all"])
+    p.add_argument("--sizes", default="all", choices=["quickstart", "cpu", "gpu", "all"])
     p.add_argument("--trainers", nargs="+", default=list(TRAINER_SETTINGS), choices=list(TRAINER_SETTINGS),
                    help="which trainers (topk, the reference for the ratios, always runs first)")
     args = p.parse_args(argv)
     sizes = []
+    if args.sizes in ("quickstart", "all"):  # run_configs/quickstart.toml's SAE
+        sizes.append(("quickstart", torch.device("cpu"), 640, 2048, 1024, 32))
     if args.sizes in ("cpu", "all"):
         sizes.append(("cpu", torch.device("cpu"), 640, 4096, 2048, 32))
     if args.sizes in ("gpu", "all"):

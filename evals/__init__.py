@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from workbench.config import EVAL_CHECKS, ConfigError
+
 
 class EvalSkipped(Exception):
     """The eval's data, API key or model support is missing: recorded under 'skipped evaluations'."""
@@ -46,11 +48,31 @@ def build_context(cfg, model, saes: list, artifacts_root: Path) -> EvalContext:
                        eval_contexts_NT=held_out_contexts(cfg.data, model.tokenizer, n_ctx, cfg.seed))
 
 
+def evaluate(cfg, model, saes: list, artifacts_root: Path, phases=None) -> tuple[list[dict], dict]:
+    """The run's configured evals (cfg.eval.types) on all its SAEs: see run_evals."""
+    return run_evals(cfg.eval.types, build_context(cfg, model, saes, artifacts_root), phases)
+
+
 # eval name (SAEBench's) -> module under evals/ exposing KEY and run(ctx)
 MODULES = {"core": "core", "absorption": "absorption", "sparse_probing": "sparse_probing",
            "sae_probes": "sparse_probing_sae_probes", "scr": "scr", "tpp": "tpp",
            "unlearning": "unlearning", "autointerp": "autointerp"}
 EVALS = set(MODULES)
+
+
+def check_sae_probes(cfg) -> None:
+    """sae_probes: the dataset names must be ones its wheel ships (checked before any model loads)."""
+    if cfg.eval.sae_probes_datasets:
+        from sae_probes.utils_data import get_numbered_binary_tags
+        known = set(get_numbered_binary_tags())
+        bad = [x for x in cfg.eval.sae_probes_datasets if x not in known]
+        if bad:
+            raise ConfigError(f"config key 'eval.sae_probes_datasets' names unknown dataset(s) {bad}; "
+                              f"e.g. {sorted(known)[:3]}")
+
+
+# handed to the config loader, which never imports evals/
+EVAL_CHECKS.update({name: None for name in MODULES}, sae_probes=check_sae_probes)
 
 
 def module(name: str):

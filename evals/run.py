@@ -21,6 +21,8 @@ if __name__ == "__main__":  # run as a script: import the repository's packages,
     REPO = Path(__file__).resolve().parent.parent
     sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "evals"]
 
+import evals  # noqa: E402,F401  (registers the evals with the config loader)
+import trainers  # noqa: E402,F401  (registers the trainer configs a run's config.toml names)
 from workbench.config import ConfigError, absolute_path, load_config  # noqa: E402
 
 FINAL_INFO = "final_info.json"
@@ -72,7 +74,6 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from evals import build_context, run_evals
     from workbench.lm import cache_root, load_lm
     from workbench.phases import Phases
     from workbench.sae import SAE
@@ -91,8 +92,7 @@ def main(argv=None) -> int:
         with phases("model load"):
             model = load_lm(cfg.model)
         saes = [SAE.load(run_dir / "sae") for run_dir, _, _ in members]
-        ctx = build_context(cfg, model, saes, members[0][0] / "eval_artifacts")
-        results, skipped = run_evals(cfg.eval.types, ctx, phases)
+        results, skipped = evals.evaluate(cfg, model, saes, members[0][0] / "eval_artifacts", phases)
         record = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "types": cfg.eval.types,
                   "overrides": args.set, "code_version": code_version(), "wall_s": time.perf_counter() - start,
                   "command": " ".join(["python", "evals/run.py", *(argv if argv is not None else sys.argv[1:])])}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+import evals  # noqa: F401  (registers the evals with the config loader)
+import trainers  # noqa: F401  (registers the trainer configs)
 from workbench.config import config_from_dict
 
 

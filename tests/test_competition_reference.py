@@ -113,6 +113,32 @@ def test_progressive_matches_dense_reference(seed, schedule):
         torch.testing.assert_close(out.loss.double(), base_loss.double() + pen.detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("normalize,tau", [("mean", 0.3), ("quantile", 0.8)])
+def test_momentum_normalizations_match_dense_reference(normalize, tau):
+    """TRAINERS.md section 6: m from the mean overlap over co-firing partners, or w = 2 above a quantile."""
+    beta, lam = 0.8, 0.3
+    tr, acts = make("momentum", 3, base="topk", beta=beta, tau=tau, lambda2=lam, normalize=normalize)
+    m_ref = torch.zeros(N, dtype=torch.float64)
+    for step in range(3):
+        W_ref = tr.sae.W_dec.detach().clone().double().requires_grad_(True)
+        _, _, latents, _ = tr.base_loss(acts, step / 20)
+        c = dense_overlap(latents.detach())
+        partners = (c > 0).double().sum(1) if normalize == "mean" else None
+        signal = c.sum(1) / partners.clamp_min(1) if normalize == "mean" else c.sum(1)
+        m_ref = beta * m_ref + (1 - beta) * signal
+        cut = torch.quantile(m_ref, tau) if normalize == "quantile" else tau
+        w = 1.0 + (m_ref > cut).double()
+        pen = lam * ((w[:, None] + w[None, :]) * c * dense_s(W_ref)).sum() / N
+        value, stats = tr.penalty(latents, step / 20)
+        torch.testing.assert_close(value.double(), pen.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(tr.momentum_F.double(), m_ref, rtol=1e-5, atol=1e-6)
+        assert stats["frac_w2"] == pytest.approx((w > 1).double().mean().item())
+    if normalize == "mean":
+        assert (m_ref <= 1).all() and 0 < stats["frac_w2"] < 1
+    else:
+        assert stats["frac_w2"] <= 1 - tau + 1 / N
+
+
 def test_training_steps_match_dense_reference_weights():
     """Several optimizer steps with the fast penalty end at the same weights as with the dense one."""
     tr, acts = make("momentum", 5, base="topk", beta=0.9, tau=0.2, lambda2=0.5)

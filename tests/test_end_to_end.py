@@ -157,15 +157,15 @@ def test_nan_stops_the_run_naming_the_step(topk_run, cache_dir, tmp_path, capsys
 def test_write_failure_leaves_no_final_info(topk_run, cache_dir, tmp_path, capsys, monkeypatch):
     import errno
 
-    import workbench.runio as runio
-    real = runio.atomic_write_json
+    import workbench.pipeline as pipeline  # the disk fills where the pipeline writes final_info.json
+    real = pipeline.atomic_write_json
 
     def disk_full(path, obj):
         if str(path).endswith("final_info.json"):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, obj)
 
-    monkeypatch.setattr(runio, "atomic_write_json", disk_full)
+    monkeypatch.setattr(pipeline, "atomic_write_json", disk_full)
     out = tmp_path / "run_full"
     rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart.toml",
                           *sets(TINY + ["trainer.k=16", f"cache.dir='{cache_dir}'", "eval.types=[]"])])

@@ -121,7 +121,7 @@ def test_groups_labels_and_gaps(tmp_path, monkeypatch):
     assert "| run_a | topk k=32 |" in summary and "| run_b | wide k |" in summary
     assert "| run_c | momentum k=32 |" in summary  # lambda2: no other run has it to differ from
     row_d = next(line for line in summary.splitlines() if line.startswith("| run_d"))
-    assert row_d.count("n/a") == 8  # no core results: every metric a gap, never a zero
+    assert row_d.count("n/a") == len(plot.SUMMARY_COLUMNS) + 1  # no core results: every metric (and the probe) a gap, never a zero
     run, _ = plot.load_run(tmp_path / "run_d")
     assert math.isnan(run.metric("core evaluation results", "metrics", "sparsity", "l0"))
 

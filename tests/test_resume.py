@@ -26,6 +26,8 @@ def args_for(out, cache, trainer, use_cache=True):
         sets += ["trainer.name='momentum'", "trainer.base='topk'", "trainer.lambda2=0.5", "trainer.tau=0.3"]
     if trainer == "batchtopk":  # threshold EMA from step 10 (5% of 200): a resume must carry theta and its count
         sets += ["trainer.name='batchtopk'"]
+    if trainer in ("ortsae", "c2r"):  # chunks of a seeded permutation: a resume must carry the generator
+        sets += [f"trainer.name='{trainer}'", "trainer.chunk_size=100"]
     config = "run_configs/quickstart.toml"
     if trainer == "jumprelu":   # learned log-thresholds and their Adam state; its preset has no k key
         config = "run_configs/quickstart_jumprelu.toml"
@@ -40,7 +42,8 @@ def cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("trainer,use_cache", [("topk", True), ("momentum", True), ("topk", False),
-                                               ("batchtopk", True), ("jumprelu", True)])
+                                               ("batchtopk", True), ("jumprelu", True), ("ortsae", True),
+                                               ("c2r", True)])
 def test_sigkill_then_resume_matches_uninterrupted(trainer, use_cache, cache, tmp_path, capsys):
     ref = tmp_path / "run_ref"
     assert experiment.main(args_for(ref, cache, trainer, use_cache)) == 0  # also fills the activation cache

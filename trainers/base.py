@@ -2,13 +2,14 @@
 the lr schedule, dead-latent counting, and state for checkpoints. A trainer adds only its loss."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from workbench.config import ConfigError, param
+from workbench.config import TRAINER_CONFIGS, ConfigError, param
 from workbench.sae import SAE, default_lr, normalize_rows_, remove_parallel_grad_
+from workbench.training import StepOutput  # noqa: F401  (what a trainer's step returns; the loop reads it)
 
 TRAINERS: dict[str, type["Trainer"]] = {}
 
@@ -16,6 +17,7 @@ TRAINERS: dict[str, type["Trainer"]] = {}
 def register(cls: type["Trainer"]) -> type["Trainer"]:
     TRAINERS[cls.name] = cls
     cls.Config.name = cls.name
+    TRAINER_CONFIGS[cls.name] = cls.Config  # handed to the config loader, which never imports trainers/
     return cls
 
 
@@ -42,17 +44,6 @@ class TrainerConfig:
         check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1", "Adam betas must be in [0, 1)")
         check(self.dead_after_tokens >= 0, "dead_after_tokens", "must be >= 0")
-
-
-@dataclass
-class StepOutput:
-    """What one training step produced: the loss, its named parts, and the batch it saw."""
-    loss: torch.Tensor
-    parts: dict[str, torch.Tensor]
-    acts_BD: torch.Tensor
-    recon_BD: torch.Tensor
-    latents_BF: torch.Tensor
-    stats: dict[str, float] = field(default_factory=dict)  # trainer-specific statistics for the log
 
 
 def lr_factor(step: int, total_steps: int, warmup: int, decay_frac: float) -> float:

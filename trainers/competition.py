@@ -10,11 +10,12 @@ active latents (sum_b L0_b^2 / 2 pair occurrences), deduplicated with their coun
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
-import warnings
-
 import torch
+
+from workbench.sae import max_cosine
 
 # torch marks CSR support as beta and warns once per process; the ops used here are covered by tests.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -151,14 +152,10 @@ def competition_penalty(W_dec: torch.Tensor, pairs: CoFiring, coef_P: torch.Tens
 
 
 @torch.no_grad()
-def max_abs_cosine_F(W_dec: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """max_{j != i} |d_i . d_j| per latent, in row chunks (snapshots only; nothing n x n is kept)."""
-    out = torch.empty(W_dec.shape[0], dtype=W_dec.dtype, device=W_dec.device)
-    for s in range(0, W_dec.shape[0], chunk):
-        g = (W_dec[s:s + chunk] @ W_dec.T).abs_()
-        g[torch.arange(g.shape[0]), torch.arange(s, s + g.shape[0])] = 0
-        out[s:s + chunk] = g.max(dim=1).values
-    return out
+def max_abs_cosine_F(W_dec: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """max_{j != i} |d_i . d_j| per latent over all pairs (progressive's separation snapshots). The signed
+    max within chunks that ortsae and c2r penalize is the same search (workbench.sae.max_cosine)."""
+    return max_cosine(W_dec, absolute=True, block=chunk)[0]
 
 
 def per_latent_sum(pairs: CoFiring, values_P: torch.Tensor, n: int) -> torch.Tensor:
@@ -171,15 +168,13 @@ def per_latent_sum(pairs: CoFiring, values_P: torch.Tensor, n: int) -> torch.Ten
 
 # ---------------------------------------------------------------- the trainers' shared base
 
-from dataclasses import dataclass as _dataclass  # noqa: E402
-
 from trainers.base import StepOutput, Trainer  # noqa: E402
 from trainers.relu import ReLUConfig, relu_loss_parts  # noqa: E402
 from trainers.topk import TopKConfig, topk_loss_parts  # noqa: E402
 from workbench.config import ConfigError, param  # noqa: E402
 
 
-@_dataclass
+@dataclass
 class CompetitionConfig(TopKConfig, ReLUConfig):
     """Base-SAE keys of both baselines (k, auxk_* for topk; l1_* for relu) plus the choice of base."""
     base: str = param("topk", "base SAE: topk or relu (its keys apply, the other's are ignored)")

@@ -4,6 +4,13 @@
     m_i  <- beta * m_i + (1 - beta) * sum_{j != i} c_ij  (O(n) state; updated before the loss uses w)
     w_i  = 2 if m_i > tau else 1
     L    = L_base + lambda2 * (1/n) sum_{i != j} (w_i + w_j) * c_ij * s_ij
+
+normalize (TRAINERS.md section 6): "none" is the literal form above. Summed over ~40 partners, m_i sits
+far above the seeds' tau = 0.5, so w_i = 2 almost everywhere and the weighting is a uniform 2x on lambda2.
+"mean": m_i tracks the mean of c_ij over the latent's co-firing partners in the batch (sum / partners;
+a latent with no partner contributes 0), so m_i in [0, 1] and tau in (0, 1) selects on overlap strength.
+"quantile": literal m_i, and w_i = 2 for latents whose m_i is above the tau-quantile of m (a fraction
+1 - tau of latents, by construction).
 """
 from __future__ import annotations
 
@@ -23,6 +30,8 @@ class MomentumConfig(CompetitionConfig):
     beta: float = param(0.9, "momentum rate beta of m_i")
     tau: float = param(0.5, "competition threshold tau: w_i = 2 where m_i > tau")
     lambda2: float = param(0.1, "competition penalty weight lambda2")
+    normalize: str = param("none", "none (the seeds' literal sum) | mean (m from the mean overlap over co-firing "
+                                   "partners) | quantile (w = 2 above the tau-quantile of m); TRAINERS.md section 6")
 
     def validate(self, run) -> None:
         super().validate(run)
@@ -30,6 +39,10 @@ class MomentumConfig(CompetitionConfig):
             raise ConfigError(f"config key 'trainer.beta' must be in [0, 1), got {self.beta}")
         if self.lambda2 < 0:
             raise ConfigError(f"config key 'trainer.lambda2' must be >= 0, got {self.lambda2}")
+        if self.normalize not in ("none", "mean", "quantile"):
+            raise ConfigError(f"config key 'trainer.normalize' must be none, mean or quantile, got '{self.normalize}'")
+        if self.normalize == "quantile" and not 0 <= self.tau <= 1:
+            raise ConfigError(f"config key 'trainer.tau' is a quantile with normalize = quantile: must be in [0, 1]")
 
 
 @register
@@ -46,8 +59,12 @@ class MomentumTrainer(CompetitionTrainer):
         pairs = cofiring_pairs(latents_BF)
         c_P = pairs.overlap
         with torch.no_grad():
-            self.momentum_F.mul_(cfg.beta).add_((1 - cfg.beta) * per_latent_sum(pairs, c_P, n))
-            w_F = 1.0 + (self.momentum_F > cfg.tau).float()
+            signal_F = per_latent_sum(pairs, c_P, n)
+            if cfg.normalize == "mean":
+                signal_F = signal_F / per_latent_sum(pairs, torch.ones_like(c_P), n).clamp_min(1)
+            self.momentum_F.mul_(cfg.beta).add_((1 - cfg.beta) * signal_F)
+            cut = self.momentum_F.float().quantile(cfg.tau) if cfg.normalize == "quantile" else cfg.tau
+            w_F = 1.0 + (self.momentum_F > cut).float()
         coef_P = (w_F[pairs.i] + w_F[pairs.j]) * c_P
         value = cfg.lambda2 * competition_penalty(self.sae.W_dec, pairs, coef_P, n)
         m = self.momentum_F

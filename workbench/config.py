@@ -14,10 +14,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 DTYPES = ("float32", "bfloat16", "float16")
 EMBEDDED_MODEL = "gemma-3-270m"
+EMBEDDED_N_LAYERS = 18  # Gemma-3-270M: layers 0-17
 EMBEDDED_DATASET = "embedded"
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|mlp_out|attn_out)$")
 
@@ -256,9 +257,31 @@ def resolve_paths(obj: Any) -> None:
             setattr(obj, f.name, str(absolute_path(value)))
 
 
-def config_from_dict(tree: dict) -> RunConfig:
-    from trainers import trainer_config_from_dict  # the registry knows each trainer's own fields
+# ---------------------------------------------------------------- registries handed in from above
+# trainers/ and evals/ register here when imported (SAELens's registry pattern). workbench reads these and
+# never imports those packages, so imports point one way: workbench <- trainers, evals <- entry points.
+TRAINER_CONFIGS: dict[str, type] = {}  # trainer name -> its Config dataclass (filled by trainers.base.register)
+EVAL_CHECKS: dict[str, Callable[["RunConfig"], None] | None] = {}  # eval name -> its own config check (evals/)
 
+
+def _registered() -> None:
+    if not TRAINER_CONFIGS or not EVAL_CHECKS:
+        raise RuntimeError("no trainers or evals are registered: `import trainers, evals` before loading a config")
+
+
+def trainer_config_from_dict(tree: dict) -> Any:
+    """A registered trainer's Config from {"name": ..., its fields}."""
+    _registered()
+    tree = dict(tree)
+    name = tree.pop("name", None)
+    if name is None:
+        raise ConfigError(f"config key 'trainer.name' is missing; pick one of {sorted(TRAINER_CONFIGS)}")
+    if name not in TRAINER_CONFIGS:
+        raise ConfigError(f"config key 'trainer.name' = '{name}' is not a trainer; known: {sorted(TRAINER_CONFIGS)}")
+    return build_dataclass(TRAINER_CONFIGS[name], tree, "trainer")
+
+
+def config_from_dict(tree: dict) -> RunConfig:
     tree = dict(tree)
     trainer_tree = tree.pop("trainer", {"name": "topk"})
     sweep_tree = tree.pop("sweep", [])
@@ -300,7 +323,6 @@ def validate(cfg: RunConfig) -> None:
            f"must look like blocks.L.hook_resid_post (resid_pre/resid_mid/mlp_out/attn_out also work), got '{m.hook}'")
     _check(bool(m.name), "model.name", "must not be empty")
     if m.name == EMBEDDED_MODEL:
-        from workbench.lm import EMBEDDED_N_LAYERS
         _check(m.layer < EMBEDDED_N_LAYERS, "model.hook",
                f"layer {m.layer} is out of range: {EMBEDDED_MODEL} has layers 0-{EMBEDDED_N_LAYERS - 1}")
     _check(d.context_size >= 2, "data.context_size", "must be >= 2 (BOS plus at least one token)")
@@ -318,20 +340,18 @@ def validate(cfg: RunConfig) -> None:
     _check(s.compute_dtype in ("float32", "bfloat16"), "sae.compute_dtype", "must be 'float32' or 'bfloat16'")
     _check(e.ce_contexts >= 1 and e.ce_batch_size >= 1 and e.variance_tokens >= 1, "eval",
            "ce_contexts, ce_batch_size and variance_tokens must be >= 1")
-    from evals import EVALS
-    unknown = [t for t in e.types if t not in EVALS]
-    _check(not unknown, "eval.types", f"names unknown evaluation(s) {unknown}; known: {sorted(EVALS)}")
+    _registered()
+    unknown = [t for t in e.types if t not in EVAL_CHECKS]
+    _check(not unknown, "eval.types", f"names unknown evaluation(s) {unknown}; known: {sorted(EVAL_CHECKS)}")
     _check(e.llm_batch_size >= 1 and e.absorption_min_letters >= 1 and e.absorption_words >= 0
            and e.absorption_words_per_letter >= 0, "eval",
            "llm_batch_size and absorption_min_letters must be >= 1, absorption_words(_per_letter) >= 0")
     for name in ("sae_probes_ks", "probe_k_values"):
         ks = getattr(e, name)
         _check(bool(ks) and all(isinstance(k, int) and k >= 1 for k in ks), f"eval.{name}", "must be a list of ints >= 1")
-    if "sae_probes" in e.types and e.sae_probes_datasets:
-        from sae_probes.utils_data import get_numbered_binary_tags
-        known = set(get_numbered_binary_tags())
-        bad = [x for x in e.sae_probes_datasets if x not in known]
-        _check(not bad, "eval.sae_probes_datasets", f"names unknown dataset(s) {bad}; e.g. {sorted(known)[:3]}")
+    for name in e.types:  # checks that need an eval's own data (e.g. the dataset names a wheel ships)
+        if EVAL_CHECKS[name] is not None:
+            EVAL_CHECKS[name](cfg)
     _check(cfg.cache.max_gb > 0, "cache.max_gb", "must be > 0")
     _check(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
     _check(cfg.log.checkpoint_every >= 0, "log.checkpoint_every", "must be >= 0 (0 = no checkpoints)")

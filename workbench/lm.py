@@ -15,7 +15,6 @@ import torch
 
 from workbench.config import EMBEDDED_MODEL, ModelConfig, absolute_path
 
-EMBEDDED_N_LAYERS = 18
 EMBEDDED_TL_NAME = "google/gemma-3-270m"  # TransformerLens's architecture entry for the embedded weights
 QUICKSTART_HINT = "for an offline run use --config run_configs/quickstart.toml (embedded gemma-3-270m)"
 

@@ -169,3 +169,27 @@ def normalize_rows_(W_dec: nn.Parameter) -> None:
 def default_lr(d_sae: int) -> float:
     """Gao et al.'s scaling: 2e-4 / sqrt(n / 2^14)."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+# ---------------------------------------------------------------- decoder geometry
+
+@torch.no_grad()
+def max_cosine(W_dec_FD: torch.Tensor, members: torch.Tensor | None = None, absolute: bool = False,
+               block: int = 2048, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each latent i in `members` (default: all): (max over j in members, j != i, of d_i . d_j, that j),
+    cosines of the unit decoder rows; |d_i . d_j| with absolute=True. Row blocks of `block` keep memory at
+    block x |members|: no n x n tensor. dtype: the matmul's (e.g. bfloat16 for a fast argmax search)."""
+    unit_FD = W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    idx_K = torch.arange(unit_FD.shape[0], device=unit_FD.device) if members is None else members
+    unit_KD = unit_FD[idx_K].to(dtype or unit_FD.dtype)
+    values_K = torch.empty(len(idx_K), dtype=torch.float32, device=unit_FD.device)
+    where_K = torch.empty(len(idx_K), dtype=torch.long, device=unit_FD.device)
+    for s in range(0, len(idx_K), block):
+        cos_RK = unit_KD[s:s + block] @ unit_KD.T
+        if absolute:
+            cos_RK.abs_()
+        rows = torch.arange(cos_RK.shape[0], device=cos_RK.device)
+        cos_RK[rows, rows + s] = float("-inf")  # j != i
+        top = cos_RK.max(dim=1)
+        values_K[s:s + block], where_K[s:s + block] = top.values.float(), idx_K[top.indices]
+    return values_K, where_K

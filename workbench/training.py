@@ -6,13 +6,35 @@ import math
 import os
 import signal
 import time
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from trainers.base import StepOutput, Trainer
 from workbench.runio import JsonlLog
+from workbench.sae import SAE
+
+
+@dataclass
+class StepOutput:
+    """What one training step produced: the loss, its named parts, and the batch it saw."""
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    acts_BD: torch.Tensor
+    recon_BD: torch.Tensor
+    latents_BF: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)  # trainer-specific statistics for the log
+
+
+class Trainer(Protocol):
+    """What the loop needs of a trainer (trainers/base.py implements it; the loop never imports trainers/)."""
+    name: str
+    sae: SAE
+    optimizer: torch.optim.Optimizer
+    dead_mask_F: torch.Tensor
+
+    def step(self, acts_BD: torch.Tensor) -> StepOutput: ...
 
 
 # Fault injection for the resume tests: the process SIGKILLs itself right after this step completes.

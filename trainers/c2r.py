@@ -1,0 +1,72 @@
+"""C2R, cross-sample consistency regularization (Jin et al., ICML 2026, arXiv 2606.30609), squared form,
+TRAINERS.md section 7.
+
+    a_i    = ||f_{:,i}||_2                                      latent i's activations over the batch (with gradient)
+    mu+_i  = max(0, max_{j in K(i), j != i} d_i . d_j),  j*(i) its argmax      (trainers/max_cosine.py)
+    L_c2r  = (1/n) sum_i (a_i + a_{j*(i)}) * (mu+_i)^2
+    L      = L_base + lambda * L_c2r
+
+Base: topk (default, the same base as progressive, so the two co-firing-weighted penalties compare on
+one footing), batchtopk or relu. Unlike progressive, the weight is activation mass, not a co-firing
+overlap, and only each latent's nearest decoder neighbour is penalized.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainers.base import register
+from trainers.batchtopk import BatchTopKConfig, BatchTopKTrainer
+from trainers.max_cosine import ChunkMax, MaxCosineFields, MaxCosinePenalty
+from trainers.relu import ReLUConfig, ReLUTrainer
+from trainers.topk import TopKTrainer
+from workbench.config import ConfigError, param
+
+BASES = {"topk": TopKTrainer, "batchtopk": BatchTopKTrainer, "relu": ReLUTrainer}
+
+
+@dataclass
+class C2RConfig(BatchTopKConfig, ReLUConfig, MaxCosineFields):
+    base: str = param("topk", "base SAE: topk | batchtopk | relu (its keys apply, the others' are ignored)")
+    lam: float = param(0.1, "weight lambda of L_c2r (calibrated on the embedded default; the paper used 5 on Gemma-2-2B)")
+
+    def validate(self, run) -> None:
+        if self.base not in BASES:
+            raise ConfigError(f"config key 'trainer.base' must be one of {sorted(BASES)}, got '{self.base}'")
+        super().validate(run)
+        self.validate_max_cosine()
+        if self.lam < 0:
+            raise ConfigError(f"config key 'trainer.lam' must be >= 0, got {self.lam}")
+
+
+def c2r_loss(chunks: list[ChunkMax], latents_BF: torch.Tensor) -> torch.Tensor:
+    """L_c2r = (1/n) sum_i (a_i + a_j*(i)) (mu+_i)^2 with a = per-latent L2 norm over the batch."""
+    a_F = latents_BF.float().norm(dim=0)
+    n = latents_BF.shape[1]
+    return sum(((a_F[c.members_K] + a_F[c.argmax_K]) * c.mu_K.clamp_min(0).pow(2)).sum() for c in chunks) / n
+
+
+class C2RPenalty(MaxCosinePenalty):
+    def coefficient(self) -> float:
+        return self.cfg.lam
+
+    def penalty(self, chunks: list[ChunkMax], latents_BF: torch.Tensor) -> torch.Tensor:
+        return c2r_loss(chunks, latents_BF)
+
+
+@register
+class C2RTrainer(C2RPenalty, TopKTrainer):
+    """c2r on the topk base; constructing it with another cfg.base gives that base's class below."""
+    name = "c2r"
+    Config = C2RConfig
+
+    def __new__(cls, cfg: C2RConfig, **kw):
+        if cls is C2RTrainer and cfg.base != "topk":
+            return _ON_BASE[cfg.base](cfg, **kw)  # not a C2RTrainer instance, so __init__ is not run twice
+        return super().__new__(cls)
+
+
+# the penalty mixed in front of each other base trainer (its loss, architecture, threshold and state)
+_ON_BASE = {base: type(f"C2RTrainer_{base}", (C2RPenalty, BASES[base]), {"name": "c2r", "Config": C2RConfig})
+            for base in ("batchtopk", "relu")}

@@ -1,0 +1,112 @@
+"""The run's activation stream: text -> LM hook -> float32 chunks, or the same chunks from the cache.
+
+`LazyLM` loads the model on first use (a warm-cache run without LM-based evals never loads it);
+`ActivationStream` yields the chunks in harvest order, read ahead in a background thread.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from workbench.config import RunConfig
+
+
+def train_texts(cfg: RunConfig, epochs: list[int]):
+    """Training documents, cycled (reshuffled each pass) if train_tokens outlasts the corpus."""
+    from workbench.text import DataError, documents
+
+    while True:
+        n = 0
+        for text in documents(cfg.data, held_out=False, seed=cfg.seed + epochs[0]):
+            n += 1
+            yield text
+        if n == 0:
+            raise DataError(f"dataset '{cfg.data.dataset}' gave no training documents")
+        epochs[0] += 1
+
+
+class LazyLM:
+    """Loads the LM on first use, timed as the "model load" phase."""
+
+    def __init__(self, cfg: RunConfig, phases):
+        self.cfg, self.model, self.load_s, self.phases = cfg, None, 0.0, phases
+
+    def get(self):
+        if self.model is None:
+            from workbench.lm import load_lm
+            start = time.perf_counter()
+            with self.phases("model load"):
+                self.model = load_lm(self.cfg.model)
+            self.load_s = time.perf_counter() - start
+        return self.model
+
+
+def stream_tokens(cfg: RunConfig) -> int:
+    """Tokens a run can pull from the stream: training, plus what the mixing buffer holds, plus a margin."""
+    d = cfg.data
+    return (cfg.total_steps + d.buffer_batches) * cfg.sae.batch_size + 2 * d.llm_batch_size * d.context_size
+
+
+def stream_description(cfg: RunConfig, device: torch.device) -> dict:
+    """Everything that changes the stream's activations: the cache key is its hash."""
+    d = cfg.data
+    return {"model": cfg.model.name, "hook": cfg.model.hook, "llm_dtype": cfg.model.dtype,
+            "device_type": device.type, "dataset": d.dataset, "split": d.split, "text_field": d.text_field,
+            "embedded_sources": d.embedded_sources, "eval_fraction": d.eval_fraction,
+            "context_size": d.context_size, "llm_batch_size": d.llm_batch_size, "seed": cfg.seed,
+            "tokens": stream_tokens(cfg)}
+
+
+class ActivationStream:
+    """The run's activation chunks (float32, harvest order): read from the cache when a complete entry
+    exists for this key, else produced by the LM (and stored when caching is on). skip_chunks drops the
+    chunks a resumed run already consumed (from the LM: without running it on them)."""
+
+    def __init__(self, cfg: RunConfig, lm: LazyLM, device: torch.device, skip_chunks: int = 0):
+        from workbench.activations import harvest
+        from workbench.cache import ActivationCache, cache_key
+        from workbench.lm import cache_root, special_token_ids
+        from workbench.text import context_windows
+
+        d = cfg.data
+        self.n_tokens = stream_tokens(cfg)
+        describe = stream_description(cfg, device)
+        self.key = cache_key(describe)
+        root = Path(cfg.cache.dir) if cfg.cache.dir else cache_root(cfg.model) / "activations"
+        self.cache = ActivationCache(root, int(cfg.cache.max_gb * 2**30))
+        self.writer = self.prefetch = None
+        meta = self.cache.load_meta(self.key) if cfg.cache.enabled else None
+        if meta is not None:
+            self.source = f"cache:{self.key}"
+            self.chunks = itertools.islice(self.cache.read(self.key, meta, device), skip_chunks, None)
+            self._read_ahead(d.prefetch_chunks)
+            return
+        self.source = "lm"
+        self.epochs = [0]
+        model = lm.get()
+        special = special_token_ids(model.tokenizer)
+        contexts = context_windows(train_texts(cfg, self.epochs), model.tokenizer, d.context_size)
+        contexts = itertools.islice(contexts, skip_chunks * d.llm_batch_size, None)
+        self._raw = harvest(model, contexts, cfg.model.hook, cfg.model.layer, d.llm_batch_size, special, out_device=device)
+        self.chunks = self._raw
+        bytes_needed = self.n_tokens * model.cfg.d_model * (2 if cfg.model.dtype != "float32" else 4)
+        if cfg.cache.enabled and skip_chunks == 0 and bytes_needed <= self.cache.max_bytes:
+            store = torch.float32 if cfg.model.dtype == "float32" else getattr(torch, cfg.model.dtype)
+            self.writer = self.cache.writer(self.key, self.n_tokens, describe, store)
+            self.chunks = self.writer.wrap(self._raw)
+        self._read_ahead(d.prefetch_chunks)
+
+    def _read_ahead(self, depth: int) -> None:
+        """Produce the next chunks in a background thread while the trainers step (same order)."""
+        if depth > 0:
+            from workbench.activations import Prefetcher
+            self.prefetch = self.chunks = Prefetcher(self.chunks, depth)
+
+    def finish(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()  # fetched-ahead chunks are already in the cache entry being written
+        if self.writer is not None and self.writer.finish(self._raw):
+            self.source = f"lm (stored as cache:{self.key})"
