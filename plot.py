@@ -32,6 +32,11 @@ class Run:
     log: list = field(default_factory=list)
     artifacts: dict = field(default_factory=dict)
     label: str = ""
+    setting: str = ""  # the label before runs of one setting are told apart: what seeds are pooled over
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
 
     @property
     def training(self) -> dict:
@@ -112,7 +117,7 @@ def auto_labels(runs: list[Run]) -> None:
     for run, f in zip(runs, flat):
         # only keys that the run's own trainer has (a topk run has no lambda2) are shown
         parts = [f"{k.split('.', 1)[1]}={f[k]}" for k in differing if k in f]
-        run.label = " ".join([run.trainer] + parts) if parts else run.trainer
+        run.label = run.setting = " ".join([run.trainer] + parts) if parts else run.trainer
     seen: dict[str, int] = {}
     for run in runs:  # identical labels (e.g. two seeds of one setting collapsed): add the run name
         seen[run.label] = seen.get(run.label, 0) + 1
@@ -221,19 +226,71 @@ def log_l0_axis(ax) -> None:
 
 
 def absorption_vs_l0_figure(plt, runs, title):
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in runs:
-        x = r.metric(CORE, "metrics", "sparsity", "l0")
-        y = r.metric(ABS, "eval_result_metrics", "mean", "mean_absorption_fraction_score")
-        if not (math.isnan(x) or math.isnan(y)):
-            ax.scatter([x], [y], label=r.label)
-    log_l0_axis(ax)
-    ax.set_ylabel("mean absorption fraction")
-    if ax.collections:
+    """One point per setting: the mean over its seeds with ± sample-std bars (one seed: no bars). A null SAE
+    (trainer null) is a dashed line: the absorption this model, width and L0 give by chance."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    abs_path = (ABS, "eval_result_metrics", "mean", "mean_absorption_fraction_score")
+    for name, members in by_setting(runs).items():
+        (x, xe), (y, ye) = (_mean_std([r.metric(*path) for r in members.values()])
+                            for path in ((CORE, "metrics", "sparsity", "l0"), abs_path))
+        if math.isnan(y):
+            continue
+        seeds = f" ({len(members)} seeds)" if len(members) > 1 else ""
+        if next(iter(members.values())).trainer == "null":
+            ax.axhline(y, ls="--", color="gray", label=f"{name}: chance floor{seeds}")
+            if ye:
+                ax.axhspan(y - ye, y + ye, color="gray", alpha=0.15)
+        elif not math.isnan(x):
+            bars = {"xerr": [xe], "yerr": [ye]} if len(members) > 1 else {}
+            ax.errorbar([x], [y], fmt="o", capsize=3, label=name + seeds, **bars)
+    if ax.lines or ax.collections:
+        log_l0_axis(ax)
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no run has both L0 and absorption results", ha="center", transform=ax.transAxes)
+    ax.set_ylabel("mean absorption fraction")
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def absorption_letters_figure(plt, runs, title):
+    """Per first letter: the ground-truth probe's F1 (letters at or below 0.6 are not scored) and each run's
+    absorption fraction on the scored letters: what the mean absorption is made of."""
+    runs = [r for r in runs if isinstance(r.info.get(ABS, {}).get("eval_result_unstructured", {}).get("per_letter"), dict)]
+    letters = sorted({k for r in runs for k in r.info[ABS]["eval_result_unstructured"]["per_letter"]})
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.4 * len(letters) + 3), 7), sharex=True)
+    first = runs[0].info[ABS]["eval_result_unstructured"]["per_letter"]  # the probe is the model's, not the SAE's
+    top.bar(range(len(letters)), [first.get(c, {}).get("probe_f1") or 0 for c in letters], color="C7")
+    top.axhline(0.6, ls="--", color="k", lw=0.8)
+    top.set_ylabel("ground-truth probe F1")
+    for r in runs:
+        per = r.info[ABS]["eval_result_unstructured"]["per_letter"]
+        ys = [per.get(c, {}).get("absorption_fraction") for c in letters]
+        bottom.plot(range(len(letters)), [NAN if y is None else y for y in ys], "o-", ms=3, label=r.label)
+    bottom.set_xticks(range(len(letters)), letters)
+    bottom.set_ylabel("absorption fraction")
+    bottom.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def seed_spread_figure(plt, runs, title):
+    """Mean ± sample std over seeds per setting: EV, absorption, full absorption, max decoder cosine."""
+    settings = by_setting(runs)
+    panels = [("explained variance", SEED_COLUMNS[0][1]), ("mean absorption fraction", SEED_COLUMNS[3][1]),
+              ("mean full absorption", SEED_COLUMNS[4][1]), ("mean max decoder cosine", SEED_COLUMNS[5][1])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
+    names = list(settings)
+    for ax, (name, path) in zip(axes, panels):
+        stats = [_mean_std([r.metric(*path) for r in settings[n].values()]) for n in names]
+        ax.bar(range(len(names)), [0 if math.isnan(m) else m for m, _ in stats],
+               yerr=[0 if math.isnan(e) else e for _, e in stats], capsize=3)
+        ax.set_xticks(range(len(names)), [f"{n} ({len(settings[n])})" for n in names], rotation=30, ha="right",
+                      fontsize=8)
+        ax.set_title(name)
+    fig.suptitle(f"{title}  (mean ± std over seeds; n in brackets)")
     fig.tight_layout()
     return fig
 
@@ -328,7 +385,66 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def summary_markdown(groups: dict) -> str:
+SEED_COLUMNS = [("EV", SUMMARY_COLUMNS[1][1]), ("CE score", SUMMARY_COLUMNS[3][1]), ("L0", SUMMARY_COLUMNS[0][1]),
+                ("absorption", SUMMARY_COLUMNS[6][1]), ("full absorption", SUMMARY_COLUMNS[7][1]),
+                ("max cos", SUMMARY_COLUMNS[8][1]), ("top-1 probe", None)]
+
+
+def seed_value(run: Run, path) -> float:
+    return probing_value(run, "sae_top_1_test_accuracy") if path is None else run.metric(*path)
+
+
+def by_setting(runs: list[Run]) -> dict[str, dict]:
+    """{setting: {seed: run}} (a setting is a trainer and its differing hyperparameters, seed left out)."""
+    out: dict[str, dict] = {}
+    for r in runs:
+        out.setdefault(r.setting or r.label, {})[r.seed] = r
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std over seeds (std 0 for one value), NaNs left out."""
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return NAN, NAN
+    m = sum(vals) / len(vals)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
+
+
+def mean_std(values: list[float]) -> str:
+    n = sum(not math.isnan(v) for v in values)
+    m, sd = _mean_std(values)
+    return "n/a" if n == 0 else (f"{m:.4g}" if n == 1 else f"{m:.4g} ± {sd:.2g}")
+
+
+def seed_tables(runs: list[Run], baselines: list[str]) -> list[str]:
+    """Mean ± std over seeds per setting, and paired differences (same seed, same stream) against each
+    baseline setting; empty when no setting has two seeds."""
+    settings = by_setting(runs)
+    if max((len(s) for s in settings.values()), default=0) < 2:
+        return []
+    head = "| setting | seeds | " + " | ".join(c for c, _ in SEED_COLUMNS) + " |"
+    rule = "|---|---|" + "---|" * len(SEED_COLUMNS)
+    lines = ["### Across seeds (mean ± sample std)", "", head, rule]
+    for name, members in settings.items():
+        lines.append(f"| {name} | {len(members)} | " + " | ".join(
+            mean_std([seed_value(r, p) for r in members.values()]) for _, p in SEED_COLUMNS) + " |")
+    lines.append("")
+    for base in [b for b in baselines if b in settings]:
+        lines += [f"### Paired differences: setting − {base} (same seed; mean ± sample std of the differences)",
+                  "", head.replace("| seeds |", "| pairs |"), rule]
+        for name, members in settings.items():
+            seeds = [sd for sd in members if sd in settings[base]]
+            if name == base or not seeds:
+                continue
+            cells = [mean_std([seed_value(members[sd], p) - seed_value(settings[base][sd], p) for sd in seeds])
+                     for _, p in SEED_COLUMNS]
+            lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def summary_markdown(groups: dict, baselines: list[str] = ("topk", "batchtopk")) -> str:
     lines = ["# Run summary", ""]
     for (model, hook), runs in groups.items():
         lines += [f"## {model} / {hook}", "",
@@ -340,6 +456,7 @@ def summary_markdown(groups: dict) -> str:
             lines.append(f"| {r.name} | {r.label} | " + " | ".join(cells) +
                          f" | {r.training.get('provenance', {}).get('train_tokens', 'n/a')} |")
         lines.append("")
+        lines += seed_tables(runs, list(baselines))
     return "\n".join(lines)
 
 
@@ -361,6 +478,9 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="*", type=Path, help="run directories (default: ./run_*)")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for the figures and summary.md")
     p.add_argument("--label", action="append", default=[], metavar="RUN=TEXT", help="override a run's label")
+    p.add_argument("--baseline", action="append", default=None, metavar="SETTING",
+                   help="setting that summary.md's paired differences are taken against (repeatable; "
+                        "default: topk and batchtopk)")
     args = p.parse_args(argv)
     # paths resolved once here (`~`, relative, spaces); nothing below depends on the working directory
     args.out = Path(os.path.abspath(args.out.expanduser()))
@@ -403,6 +523,10 @@ def main(argv=None) -> int:
         figures["sparse_probing_accuracy"] = probing_figure(plt, members, title)
         figures["pareto_l0"] = pareto_figure(plt, members, title)
         figures["absorption_vs_l0"] = absorption_vs_l0_figure(plt, members, title)
+        if any(r.info.get(ABS, {}).get("eval_result_unstructured", {}).get("per_letter") for r in members):
+            figures["absorption_letters"] = absorption_letters_figure(plt, members, title)
+        if max(len(v) for v in by_setting(members).values()) > 1:
+            figures["seed_spread"] = seed_spread_figure(plt, members, title)
         figures["training_curves"] = curves_figure(plt, members, title)
         if any(r.trainer in ("momentum", "progressive") for r in members):
             figures["competition_stats"] = competition_figure(plt, [r for r in members if r.trainer in ("momentum", "progressive")], title)
@@ -415,7 +539,7 @@ def main(argv=None) -> int:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
-    (args.out / "summary.md").write_text(summary_markdown(groups))
+    (args.out / "summary.md").write_text(summary_markdown(groups, args.baseline or ["topk", "batchtopk"]))
     print(f"plotted {len(runs)} run(s) in {len(groups)} group(s): {', '.join(str(w) for w in written)}; "
           f"table in {args.out / 'summary.md'}")
     return 0

@@ -118,10 +118,34 @@ def run(ctx: EvalContext) -> list[dict]:
                 "vocab_words_used": len(words), "vocab_words_available": n_vocab_words,
                 "words_per_letter": e.absorption_words_per_letter or None,
                 "letters_scored": len(result["eval_result_details"]), "probe_cache": str(probes_dir),
+                "per_letter": per_letter_diagnostics(out, name, result, words, config.min_GT_probe_f1),
                 "forward_stopped_at_layer": layer + 1, "eval_runtime_s": time.time() - start}
             results.append(result)
     from workbench.runio import json_safe
     return [json_safe(r) for r in results]
+
+
+def per_letter_diagnostics(out: Path, name: str, result: dict, words: list[str], min_f1: float) -> dict:
+    """What the mean is made of, per first letter: the ground-truth probe's F1 (letters at or below min_f1
+    are not scored), the best single SAE latent's F1 for the letter, split features, and the letter's
+    absorption numbers where it was scored."""
+    n_words: dict[str, int] = {}
+    for w in words:
+        n_words[w.strip().lower()[:1]] = n_words.get(w.strip().lower()[:1], 0) + 1
+    path = out / "artifacts" / "absorption" / f"{name}_custom_sae_k_sparse_probing.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    scored = {d["first_letter"]: d for d in result["eval_result_details"]}
+    out_rows = {}
+    for r in rows:
+        letter = r["letter"]
+        d = scored.get(letter, {})
+        out_rows[letter] = {"words": n_words.get(letter, 0), "probe_f1": r.get("f1_probe"),
+                            "scored": r.get("f1_probe", 0) > min_f1, "sae_top1_latent_f1": r.get("f1_sparse_sae_1"),
+                            "num_split_features": r.get("num_split_features"),
+                            "absorption_fraction": d.get("mean_absorption_fraction"),
+                            "full_absorption_rate": d.get("full_absorption_rate"),
+                            "probe_true_positives": d.get("num_probe_true_positives")}
+    return out_rows
 
 
 def _too_few_letters(out: Path, name: str, config, n_words: int) -> str:

@@ -199,3 +199,22 @@ def test_results_holding_library_objects_are_written_as_plain_json(tmp_path):
     assert back["sae_cfg_dict"]["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
     assert back["x"] == 0.5 and back["t"] == [1, 2] and back["bad"] is None
     assert json_safe(back) == back
+
+
+def test_absorption_per_letter_diagnostics_from_sae_bench_artifacts(tmp_path):
+    """Per letter: the probe F1 decides whether it is scored; scored letters carry their absorption."""
+    from evals.absorption import per_letter_diagnostics
+
+    art = tmp_path / "artifacts" / "absorption"
+    art.mkdir(parents=True)
+    rows = [{"letter": "a", "f1_probe": 0.55, "f1_sparse_sae_1": 0.0, "num_split_features": 1},
+            {"letter": "b", "f1_probe": 0.91, "f1_sparse_sae_1": 0.62, "num_split_features": 2}]
+    (art / "sae0_custom_sae_k_sparse_probing.json").write_text(json.dumps(rows))
+    result = {"eval_result_details": [{"first_letter": "b", "mean_absorption_fraction": 0.14,
+                                       "full_absorption_rate": 0.33, "num_probe_true_positives": 18}]}
+    got = per_letter_diagnostics(tmp_path, "sae0", result, ["apple", " an", "Bee", "boat", "cat"], 0.6)
+    assert got["a"] == {"words": 2, "probe_f1": 0.55, "scored": False, "sae_top1_latent_f1": 0.0,
+                        "num_split_features": 1, "absorption_fraction": None, "full_absorption_rate": None,
+                        "probe_true_positives": None}
+    assert got["b"]["scored"] and got["b"]["words"] == 2 and got["b"]["absorption_fraction"] == 0.14
+    assert set(got) == {"a", "b"}

@@ -9,7 +9,7 @@ import pytest
 LATEX = Path(__file__).resolve().parent.parent / "latex"
 CITED = ["gaoScalingEvaluatingSparse", "chaninAbsorptionStudyingFeature2024", "bussmannBatchTopKSparseAutoencoders2024",
          "rajamanoharanJumpingAheadImproving2024", "farrellApplyingSparseAutoencoders2024",
-         "marksSparseFeatureCircuits2024", "goodfellow2016deep"]
+         "marksSparseFeatureCircuits2024", "goodfellow2016deep", "korznikovOrtSAE2025", "jinC2R2026"]
 SECTIONS = ["Introduction", "Background", "Method", "Experimental Setup", "Results", "Conclusion"]
 
 

@@ -140,3 +140,33 @@ def test_notes_are_appended_never_rewritten(tmp_path):
     assert text.startswith("my own hypothesis: momentum helps absorption\n")
     assert "run_9: topk k=64 |" in text and "lr=" not in line  # only non-default hyperparameters
     assert "L0 64 EV 0.95 CE 0.97 absorption n/a probe-top1 n/a" in text
+
+
+def test_seed_spread_and_paired_differences(tmp_path, monkeypatch):
+    """Three seeds of topk and of ortsae, one null: mean ± sample std per setting, and paired
+    differences against topk computed seed by seed (not the difference of the means' spreads)."""
+    monkeypatch.chdir(tmp_path)
+    evs = {"topk": [0.90, 0.92, 0.94], "ortsae": [0.91, 0.92, 0.96]}
+    for trainer, values in evs.items():
+        for seed, ev in zip((1, 2, 3), values):
+            d = make_run(tmp_path, f"run_{trainer}_s{seed}", trainer=trainer, ev=ev)
+            info = json.loads((d / "final_info.json").read_text())
+            info["run config"]["seed"] = seed
+            info["absorption evaluation results"] = {"eval_result_metrics": {"mean": {
+                "mean_absorption_fraction_score": 0.5 - 0.1 * (trainer == "ortsae"), "mean_full_absorption_score": 0.2}},
+                "eval_result_unstructured": {"per_letter": {"a": {"probe_f1": 0.5, "absorption_fraction": None},
+                                                            "b": {"probe_f1": 0.9, "absorption_fraction": 0.4}}}}
+            (d / "final_info.json").write_text(json.dumps(info))
+    d = make_run(tmp_path, "run_null", trainer="null")
+    info = json.loads((d / "final_info.json").read_text())
+    info["absorption evaluation results"] = {"eval_result_metrics": {"mean": {"mean_absorption_fraction_score": 0.3}}}
+    (d / "final_info.json").write_text(json.dumps(info))
+    assert plot.main(["--out", "figs"]) == 0
+    summary = (tmp_path / "figs" / "summary.md").read_text()
+    assert "| topk | 3 | 0.92 ± 0.02 |" in summary          # std of (0.90, 0.92, 0.94) = 0.02
+    assert "| ortsae | 3 | 0.93 ± 0.026 |" in summary       # std of (0.91, 0.92, 0.96) = 0.0265
+    paired = summary.split("Paired differences: setting − topk")[1]
+    # differences per seed: 0.01, 0.00, 0.02 -> mean 0.01, std 0.01; absorption -0.1 on every seed -> std 0
+    assert "| ortsae | 3 | 0.01 ± 0.01 |" in paired and "-0.1 ± 0 |" in paired
+    assert "batchtopk" not in summary.split("### Across seeds")[1]  # no batchtopk runs: no table against it
+    assert (tmp_path / "figs" / "seed_spread.png").is_file() and (tmp_path / "figs" / "absorption_letters.png").is_file()

@@ -200,3 +200,17 @@ def test_bad_values_are_config_errors(overrides, key):
         tiny_run_config(name="ortsae", k=4, **overrides)
     with pytest.raises(ConfigError, match="trainer.base"):
         tiny_run_config(name="c2r", k=4, base="jumprelu")
+
+
+def test_null_control_is_topk_at_initialization_and_never_moves():
+    data = batches(5)
+    null = make(tiny_run_config(name="null", k=4), data[0])
+    topk = make(tiny_run_config(name="topk", k=4), data[0])
+    start = {n: p.clone() for n, p in null.sae.state_dict().items()}
+    for n, p in topk.sae.state_dict().items():
+        assert torch.equal(p, start[n]), n  # the same init as the topk trainer with this seed
+    for x in data:
+        out = null.step(x)
+    for n, p in null.sae.state_dict().items():
+        assert torch.equal(p, start[n]), n
+    assert null.step_count == 5 and (out.latents_BF > 0).sum(1).float().mean().item() == 4.0

@@ -5,8 +5,8 @@ The config's `[trainer] name = "..."` picks one; its other keys are that trainer
 from __future__ import annotations
 
 from trainers.base import TRAINERS, StepOutput, Trainer, TrainerConfig, register  # noqa: F401
-from trainers import (batchtopk, c2r, jumprelu, matryoshka, momentum, ortsae, progressive, relu,  # noqa: F401  (registers)
-                      topk)
+from trainers import (batchtopk, c2r, jumprelu, matryoshka, momentum, null, ortsae, progressive,  # noqa: F401  (registers)
+                      relu, topk)
 
 
 def make_trainer(cfg: TrainerConfig, **kw) -> Trainer:

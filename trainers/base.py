@@ -116,12 +116,16 @@ class Trainer:
         self.scheduler.step()
         normalize_rows_(self.sae.W_dec)
         self.after_step(out)
-        with torch.no_grad():
-            fired_F = (out.latents_BF > 0).any(dim=0)
-            self.tokens_since_fired_F += acts_BD.shape[0]
-            self.tokens_since_fired_F[fired_F] = 0
-        self.step_count += 1
+        self.count_step(out)
         return out
+
+    @torch.no_grad()
+    def count_step(self, out: StepOutput) -> None:
+        """Dead-latent counters and the step count, after every step."""
+        fired_F = (out.latents_BF > 0).any(dim=0)
+        self.tokens_since_fired_F += out.acts_BD.shape[0]
+        self.tokens_since_fired_F[fired_F] = 0
+        self.step_count += 1
 
     def forward_parts(self, acts_BD: torch.Tensor):
         """pre-activations, latents and reconstruction of the current SAE."""
