@@ -417,6 +417,17 @@ def mean_std(values: list[float]) -> str:
     return "n/a" if n == 0 else (f"{m:.4g}" if n == 1 else f"{m:.4g} ± {sd:.2g}")
 
 
+def resolve_baseline(name: str, settings: dict) -> str | None:
+    """A baseline given as a setting ("topk k=32") or as a trainer with a single setting ("batchtopk")."""
+    if name in settings:
+        return name
+    of_trainer = [s for s, members in settings.items() if next(iter(members.values())).trainer == name]
+    if len(of_trainer) > 1:
+        print(f"note: baseline '{name}' matches several settings {of_trainer}; name one with --baseline",
+              file=sys.stderr)
+    return of_trainer[0] if len(of_trainer) == 1 else None
+
+
 def seed_tables(runs: list[Run], baselines: list[str]) -> list[str]:
     """Mean ± std over seeds per setting, and paired differences (same seed, same stream) against each
     baseline setting; empty when no setting has two seeds."""
@@ -430,7 +441,9 @@ def seed_tables(runs: list[Run], baselines: list[str]) -> list[str]:
         lines.append(f"| {name} | {len(members)} | " + " | ".join(
             mean_std([seed_value(r, p) for r in members.values()]) for _, p in SEED_COLUMNS) + " |")
     lines.append("")
-    for base in [b for b in baselines if b in settings]:
+    for base in [resolve_baseline(b, settings) for b in baselines]:
+        if base is None:
+            continue
         lines += [f"### Paired differences: setting − {base} (same seed; mean ± sample std of the differences)",
                   "", head.replace("| seeds |", "| pairs |"), rule]
         for name, members in settings.items():

@@ -40,21 +40,6 @@ def cache_root(cfg: ModelConfig) -> Path:
 
 
 @contextlib.contextmanager
-def hub_offline():
-    """Keep transformers / huggingface_hub from reaching for the network while loading local files."""
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
 def gguf_parsed_once():
     """transformers reads the GGUF three times (config, tokenizer, weights), each time parsing its 262k-token
     vocabulary into Python objects (~20 s apiece on a 2-core CPU). Within this block the file is parsed
@@ -101,9 +86,12 @@ def embedded_checkpoint(cfg: ModelConfig) -> Path:
 
     gguf = Path(gguf_pkg.assemble())
     target.parent.mkdir(parents=True, exist_ok=True)
-    with hub_offline(), gguf_parsed_once():
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # local_files_only: these are files on disk; transformers must not ask the hub about them (the
+    # HF_HUB_OFFLINE variable would not do: huggingface_hub reads it once, when it is imported)
+    with gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                         local_files_only=True)
         # HookedTransformer refuses a config that carries the GGUF quantization_config: rebuild without it.
         cfg_dict = quantized.config.to_dict()
         cfg_dict.pop("quantization_config", None)
@@ -131,11 +119,10 @@ def load_lm(cfg: ModelConfig):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = embedded_checkpoint(cfg)
-        with hub_offline():
-            tok = AutoTokenizer.from_pretrained(path)
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            model = HookedTransformer.from_pretrained_no_processing(
-                EMBEDDED_TL_NAME, hf_model=hf, tokenizer=tok, device=str(device), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        model = HookedTransformer.from_pretrained_no_processing(
+            EMBEDDED_TL_NAME, hf_model=hf, tokenizer=tok, device=str(device), dtype=dtype)
         del hf
     else:
         try:
