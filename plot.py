@@ -382,6 +382,7 @@ SUMMARY_COLUMNS = [
     ("absorption", (ABS, "eval_result_metrics", "mean", "mean_absorption_fraction_score")),
     ("full absorption", (ABS, "eval_result_metrics", "mean", "mean_full_absorption_score")),
     ("max cos", (TRAINING, "final_info", "mean_max_decoder_cosine")),
+    ("null floor", ("absorption null control", "mean_absorption_fraction_score")),  # the null SAE on this stream
 ]
 
 

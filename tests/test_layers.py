@@ -195,3 +195,27 @@ def test_pipeline_runs_from_a_cached_stream_with_the_pieces_handed_in(tmp_path, 
     assert tr["provenance"]["activation_source"].startswith("cache:") and tr["final_info"]["training_steps"] == cfg.total_steps
     assert final["core evaluation results"] == {"metrics": {"x": 1.0}} and final["skipped evaluations"] == {"absorption": "not asked"}
     assert tr["config"]["activation_dim"] == d and tr["provenance"]["command"] == "python experiment.py --out_dir=run_1"
+
+
+# ---------------------------------------------------------------- record
+
+def test_null_sae_absorption_is_recorded_beside_every_other_run(tmp_path):
+    import trainers
+    from workbench.record import NULL_CONTROL_KEY, absorption_null_control, final_info
+
+    mean = {"mean_absorption_fraction_score": 0.41, "mean_full_absorption_score": 0.5, "mean_num_split_features": 1.2}
+    results = [{"absorption evaluation results": {"eval_result_metrics": {"mean": {"mean_absorption_fraction_score": 0.6}}}},
+               {"absorption evaluation results": {"eval_result_metrics": {"mean": mean}}}]
+    control = absorption_null_control([tmp_path / "run_1", tmp_path / "run_1_null"], ["topk", "null"], results)
+    assert control == {"run": "run_1_null", **mean}
+    assert absorption_null_control([tmp_path / "run_1"], ["topk"], results[:1]) is None  # no null on the stream
+    stats = {"steps": 1, "final_loss": [1.0, 2.0], "final_l0": [4.0, 4.0], "trainer_step_s": [0.1, 0.1]}
+    finals = []
+    for i, name in enumerate(["topk", "null"]):
+        cfg = tiny_run_config(name=name, k=4)
+        tr = trainers.make_trainer(cfg.trainer, d_in=16, d_sae=64, total_steps=1, total_tokens=32,
+                                   init_acts_BD=torch.randn(8, 16), seed=0)
+        finals.append(final_info(cfg, tr, i, stats, results[i], {}, {"device": "cpu"}, control))
+    assert finals[0][NULL_CONTROL_KEY] == control and NULL_CONTROL_KEY not in finals[1]
+    assert finals[0]["absorption evaluation results"] == results[0]["absorption evaluation results"]  # SAEBench's, unchanged
+    assert 0 < finals[0]["training results for layer 1"]["final_info"]["mean_max_decoder_cosine"] < 1

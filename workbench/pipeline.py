@@ -19,7 +19,7 @@ from workbench.activations import ActivationScaler, MixingBuffer
 from workbench.config import RunConfig, config_to_dict, sweep_runs, to_toml
 from workbench.lm import cache_root, resolve_device
 from workbench.phases import Phases
-from workbench.record import final_info
+from workbench.record import absorption_null_control, final_info
 from workbench.rundir import CHECKPOINT, FINAL_INFO, save_checkpoint, trim_log
 from workbench.runio import JsonlLog, atomic_write_json, atomic_write_text
 from workbench.stream import ActivationStream, LazyLM
@@ -128,9 +128,10 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
         "train_tokens_per_s": stats["tokens_per_s"], "eval_wall_s": wall - lm.load_s - train_s,
         "trainers_on_stream": [str(r.name) for r, _ in runs], "started_utc": started,
         "command": " ".join(["python", "experiment.py", *command])}
+    control = absorption_null_control([r for r, _ in runs], [c.trainer.name for _, c in runs], results)
     out = []
     for i, ((run_dir, run_cfg), trainer) in enumerate(zip(runs, trainers)):
-        final = final_info(run_cfg, trainer, i, stats, results[i], skipped, provenance)
+        final = final_info(run_cfg, trainer, i, stats, results[i], skipped, provenance, control)
         atomic_write_json(run_dir / FINAL_INFO, final)
         out.append((run_dir, final))
     (out_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: final_info.json and sae/ are the result

@@ -30,10 +30,26 @@ def sparsity_penalty(tcfg) -> float | None:
     return getattr(tcfg, "l0_coeff", None)
 
 
+ABSORPTION_KEY = "absorption evaluation results"
+NULL_CONTROL_KEY = "absorption null control"
+
+
+def absorption_null_control(run_dirs: list[Path], trainer_names: list[str], results: list[dict]) -> dict | None:
+    """The absorption of a null SAE (trainer null: TopK at initialization) trained on the same stream, if
+    the sweep has one: recorded beside every other run's SAEBench numbers as the floor chance gives."""
+    for run_dir, name, result in zip(run_dirs, trainer_names, results):
+        mean = result.get(ABSORPTION_KEY, {}).get("eval_result_metrics", {}).get("mean")
+        if name == "null" and mean:
+            return {"run": run_dir.name, **{k: mean.get(k) for k in (
+                "mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features")}}
+    return None
+
+
 def final_info(run_cfg: RunConfig, trainer, i: int, stats: dict, evals: dict, skipped: dict,
-               provenance: dict) -> dict:
+               provenance: dict, null_control: dict | None = None) -> dict:
     """One run's final_info.json: training results (config, final numbers, provenance), the eval
-    results under their SAEBench keys, what was skipped and why, and the resolved config.
+    results under their SAEBench keys (and the null SAE's absorption beside them, when the sweep has
+    one), what was skipped and why, and the resolved config.
     i: the trainer's index on the stream (stats hold one entry per trainer)."""
     cfg_dict = config_to_dict(run_cfg)
     layer, tcfg = run_cfg.model.layer, {k: v for k, v in cfg_dict["trainer"].items() if k != "name"}
@@ -58,6 +74,7 @@ def final_info(run_cfg: RunConfig, trainer, i: int, stats: dict, evals: dict, sk
                            "code_version": code_version(), "versions": versions()},
         },
         **evals,
+        **({NULL_CONTROL_KEY: null_control} if null_control and trainer.name != "null" else {}),
         "skipped evaluations": skipped,
         "run config": cfg_dict,
     }
