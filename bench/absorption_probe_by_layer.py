@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from unittest import mock
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -37,7 +39,8 @@ def probe_f1_by_letter(model, layer: int, words: list[str], seed: int, device: s
         probe = common.load_probe(model.cfg.model_name, layer, probes_dir, device=device)
         acts, labels = common.load_probe_data_split_or_train(model, cfg.prompt_template, cfg.prompt_token_pos,
                                                              layer, "test", probes_dir, device=device)
-        scores = probe(acts.to(device).to(next(probe.parameters()).dtype)).float().cpu()
+        with torch.no_grad():  # the split's activations are inference-mode tensors
+            scores = probe(acts.to(device).to(next(probe.parameters()).dtype)).float().cpu()
     answers = [idx for _, idx in labels]
     letters = "abcdefghijklmnopqrstuvwxyz"
     return {c: metrics.f1_score([a == i for a in answers], (scores[:, i] > 0).numpy()) for i, c in enumerate(letters)}
