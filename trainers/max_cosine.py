@@ -56,11 +56,15 @@ def chunks_of(n: int, chunk_size: int, generator: torch.Generator, device) -> li
 
 def chunk_max_cosines(W_dec_FD: torch.Tensor, chunks: list[torch.Tensor], search_dtype=None) -> list[ChunkMax]:
     """mu_i and j*(i) within each chunk; mu_i carries the gradient of d_i . d_j*(i) (unit rows)."""
-    unit_FD = W_dec_FD.float() / W_dec_FD.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    W_FD = W_dec_FD.float()
+    unit_FD = W_FD * W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
     out = []
     for members_K in chunks:
         _, argmax_K = max_cosine(W_dec_FD.detach(), members_K, dtype=search_dtype)
-        out.append(ChunkMax(members_K, (unit_FD[members_K] * unit_FD[argmax_K]).sum(dim=-1), argmax_K))
+        # index_select, not [] indexing: its backward is an index_add, 3-4x faster on CPU than the
+        # accumulating index_put that advanced indexing uses (2048 x 640: 27 vs 95 ms with the backward)
+        mu_K = (unit_FD.index_select(0, members_K) * unit_FD.index_select(0, argmax_K)).sum(dim=-1)
+        out.append(ChunkMax(members_K, mu_K, argmax_K))
     return out
 
 
