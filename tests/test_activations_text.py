@@ -84,41 +84,51 @@ def test_mixing_buffer_state_round_trip_resumes_exactly():
             assert torch.equal(a, b)
 
 
-def test_prefetcher_keeps_order_hands_back_what_it_fetched_and_reraises():
+def test_read_ahead_keeps_order_and_loses_nothing_on_close_and_reraises():
+    """The stream reads ahead with sae_lens's PrefetchingIterator over the cache writer's pass-through:
+    items come in source order; after close() every item the thread pulled has been seen by the writer
+    (so the cache entry misses nothing) and the rest of the source is untouched; a source error reaches
+    the consumer."""
     import time
 
-    from workbench.activations import Prefetcher
+    from sae_lens.training.prefetch import PrefetchingIterator
 
-    src = iter(range(10))
-    p = Prefetcher(src, depth=2)
+    src, seen = iter(range(10)), []
+
+    def writer_wrap(it):  # what CacheWriter.wrap does: record, then pass on
+        for x in it:
+            seen.append(x)
+            yield x
+
+    p = PrefetchingIterator(writer_wrap(src), prefetch=2)
     got = [next(p), next(p)]
     time.sleep(0.2)  # let it fill its queue
-    left = p.close()
-    assert got + left + list(src) == list(range(10)) and len(left) >= 2  # nothing lost, nothing repeated
-    assert list(Prefetcher(iter(range(7)), depth=3)) == list(range(7))
+    p.close()
+    assert not p._thread.is_alive()
+    assert got == [0, 1] and len(seen) >= 4 and seen + list(src) == list(range(10))  # nothing lost or repeated
+    assert list(PrefetchingIterator(iter(range(7)), prefetch=3)) == list(range(7))
 
     def broken():
         yield 1
         raise ValueError("disk gone")
 
-    p = Prefetcher(broken())
+    p = PrefetchingIterator(broken())
     assert next(p) == 1
     with pytest.raises(ValueError, match="disk gone"):
         next(p)
 
 
-def test_prefetcher_close_after_the_source_ran_out_with_a_full_queue():
+def test_read_ahead_close_after_the_source_ran_out_with_a_full_queue():
     """The producer finishing while nobody reads (training done, queue full) must not hang close()."""
     import threading
     import time
 
-    from workbench.activations import Prefetcher
+    from sae_lens.training.prefetch import PrefetchingIterator
 
     src = iter(range(2))
-    p = Prefetcher(src, depth=2)
+    p = PrefetchingIterator(src, prefetch=2)
     time.sleep(0.3)  # the source is exhausted; the queue is full; the end marker waits
     done = threading.Event()
-    result = []
-    threading.Thread(target=lambda: (result.extend(p.close()), done.set()), daemon=True).start()
+    threading.Thread(target=lambda: (p.close(), done.set()), daemon=True).start()
     assert done.wait(5), "close() hung"
-    assert result == [0, 1] and list(src) == []
+    assert list(src) == [] and not p._thread.is_alive()

@@ -48,6 +48,23 @@ def test_corrupt_and_partial_entries_are_rebuilt_not_used(tmp_path):
     assert cache.load_meta("p") is None and not (tmp_path / "p").exists()
 
 
+def test_entry_with_old_blake2b_digests_is_rebuilt_not_misread(tmp_path, capsys):
+    """An entry written before the xxh3 digests (meta.json with blake2b digests, no algorithm named) is
+    intact but unverifiable by the new code: it is reported and removed, and the run rebuilds it."""
+    import hashlib
+    cache = ActivationCache(tmp_path)
+    cache.writer("k", 1000, {}, torch.bfloat16).finish(iter(chunks()))
+    meta_path = tmp_path / "k" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["digest_algorithm"] == "xxh3_128"
+    for s in meta["shards"]:  # rewrite it as the old version did
+        s["digest"] = hashlib.blake2b((tmp_path / "k" / s["file"]).read_bytes(), digest_size=16).hexdigest()
+    del meta["digest_algorithm"]
+    meta_path.write_text(json.dumps(meta))
+    assert cache.load_meta("k") is None and not (tmp_path / "k").exists()
+    assert "older version" in capsys.readouterr().out
+
+
 def test_source_running_dry_publishes_nothing(tmp_path):
     cache = ActivationCache(tmp_path)
     w = cache.writer("k", 10_000, {}, torch.bfloat16)

@@ -194,3 +194,17 @@ def test_config_toml_round_trips_every_string_form(text):
     assert cfg.log.wandb_project == text
     back = tomllib.loads(to_toml(config_to_dict(cfg)))
     assert back["log"]["wandb_project"] == text
+
+
+def test_to_toml_round_trips_every_key_type():
+    """Every value type a config holds (and a trainer table) reads back equal and of the same type; None,
+    which TOML cannot hold, is left out so the key's default applies."""
+    tree = {"seed": 7, "name": "x", "flag": False, "tiny": 1e-12, "big": 3.0e38, "neg": -0.5, "whole": 2.0,
+            "ints": [1, 2, 5], "strs": ["wiki", "c\n4"], "floats": [0.1, 1.0], "empty": [], "gone": None,
+            "model": {"hook": "blocks.3.hook_resid_post", "n": 0, "on": True, "none": None},
+            "trainer": {"name": "topk", "k": 32, "auxk_alpha": 0.03125}}
+    back = tomllib.loads(to_toml(tree))
+    want = {k: v for k, v in tree.items() if k != "gone"}
+    want["model"] = {k: v for k, v in tree["model"].items() if k != "none"}
+    assert back == want
+    assert type(back["whole"]) is float and type(back["seed"]) is int and type(back["flag"]) is bool

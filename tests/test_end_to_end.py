@@ -144,7 +144,9 @@ def test_sweep_trains_several_saes_on_one_stream(topk_run, cache_dir, tmp_path):
 
 def test_nan_stops_the_run_naming_the_step(topk_run, cache_dir, tmp_path, capsys):
     """A diverging run (absurd lr, warm cache so no LM is needed) exits 1 naming the step, and leaves
-    no final_info.json, only failed.txt."""
+    no final_info.json, only failed.txt; the read-ahead thread is stopped, not left to the process's exit."""
+    import threading
+    threads_before = threading.active_count()
     out = tmp_path / "run_nan"
     rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart.toml",
                           *sets(TINY + ["trainer.k=16", f"cache.dir='{cache_dir}'", "eval.types=[]",
@@ -152,6 +154,7 @@ def test_nan_stops_the_run_naming_the_step(topk_run, cache_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "at step" in err[0] and "trainer.lr" in err[0]
     assert not (out / "final_info.json").exists() and "at step" in (out / "failed.txt").read_text()
+    assert threading.active_count() == threads_before
 
 
 def test_write_failure_leaves_no_final_info(topk_run, cache_dir, tmp_path, capsys, monkeypatch):

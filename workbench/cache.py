@@ -2,8 +2,10 @@
 later run with the same key memory-maps them instead of running the LM.
 
 Layout: <root>/<key>/shard_00000.bin ... + meta.json. meta.json is written last (atomically) and names
-every shard with its byte size and blake2b digest: an entry without it, or whose shards do not match
-it, is partial or corrupt and is rebuilt, never used. Activations are stored in the LM's dtype
+every shard with its byte size and xxh3-128 digest (non-cryptographic: it guards against torn or
+corrupt files, not tampering, and runs at memory speed so a warm load of a large entry stays cheap): an
+entry without it, whose shards do not match it, or whose digests were written by an older version
+(blake2b), is partial, corrupt or old and is rebuilt, never used. Activations are stored in the LM's dtype
 (bfloat16 stays bfloat16: lossless, half the bytes), so a warm run sees bit-identical inputs.
 """
 from __future__ import annotations
@@ -18,10 +20,13 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+import xxhash
+from sae_lens.util import dtype_to_str, str_to_dtype
 
 from workbench.runio import atomic_write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the key's contents; bumping it orphans every entry (left to eviction)
+DIGEST = "xxh3_128"  # meta.json names it; an entry with another (or none) is rebuilt
 SHARD_TOKENS = 65_536
 _NP_VIEW = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32}
 
@@ -33,7 +38,7 @@ def cache_key(parts: dict) -> str:
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
             h.update(block)
@@ -59,12 +64,14 @@ class ActivationCache:
             return None
         try:
             meta = json.loads(meta_path.read_text())
+            if meta.get("digest_algorithm") != DIGEST:
+                raise ValueError(f"written by an older version (digests not {DIGEST})")
             for s in meta["shards"]:
                 p = d / s["file"]
                 if not p.is_file() or p.stat().st_size != s["bytes"] or (verify and _digest(p) != s["digest"]):
                     raise ValueError(f"shard {s['file']} does not match meta.json")
         except (ValueError, KeyError, json.JSONDecodeError) as e:
-            print(f"activation cache {d.name}: corrupt ({e}); rebuilding")
+            print(f"activation cache {d.name}: not usable ({e}); rebuilding")
             shutil.rmtree(d, ignore_errors=True)
             return None
         meta_path.touch()  # recency for eviction
@@ -72,7 +79,7 @@ class ActivationCache:
 
     def read(self, key: str, meta: dict, device="cpu") -> Iterator[torch.Tensor]:
         """Chunks (n, d) float32, with the same boundaries and order as when they were written."""
-        dtype = getattr(torch, meta["dtype"])
+        dtype = str_to_dtype(meta["dtype"])
         arrays = [np.memmap(self.entry(key) / s["file"], dtype=_NP_VIEW[dtype], mode="r", shape=(s["tokens"], meta["d"]))
                   for s in meta["shards"]]
         shard, offset = 0, 0
@@ -150,8 +157,9 @@ class CacheWriter:
             self._flush()
         if self.stored >= self.n_tokens:
             self.cache._publish(self.key, self.tmp, {
-                "key": self.key, "describe": self.describe, "dtype": str(self.dtype).split(".")[1], "d": self.d,
-                "tokens": self.stored, "chunk_sizes": self.sizes, "shards": self.shards, "created": time.time()})
+                "key": self.key, "describe": self.describe, "dtype": dtype_to_str(self.dtype), "d": self.d,
+                "tokens": self.stored, "chunk_sizes": self.sizes, "shards": self.shards, "created": time.time(),
+                "digest_algorithm": DIGEST})
             self.published = True
 
     def wrap(self, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -6,7 +6,6 @@ one line on stderr and exit code 2, before any model loads or any directory is w
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import tomllib
@@ -15,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import tomli_w
 
 DTYPES = ("float32", "bfloat16", "float16")
 EMBEDDED_MODEL = "gemma-3-270m"
@@ -45,6 +46,8 @@ class ModelConfig:
 
     @property
     def layer(self) -> int:
+        # HOOK_RE validates the hook and gives its layer in one place. (sae_lens.util has the same helper,
+        # but importing sae_lens takes ~7 s, and config errors must come back before anything heavy loads.)
         return int(HOOK_RE.match(self.hook).group(1))  # validated before use
 
 
@@ -381,25 +384,14 @@ def sweep_runs(cfg: RunConfig, out_dir: Path) -> list[tuple[Path, RunConfig]]:
     return runs
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):  # JSON's string escapes (\n, \t, \", \\, \uXXXX) are valid TOML basic-string escapes
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
+def _without_none(tree: dict) -> dict:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in tree.items() if v is not None}
 
 
 def to_toml(tree: dict) -> str:
-    """A minimal TOML writer for our config trees (scalars, lists, one level of tables)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in tree.items() if not isinstance(v, dict) and v is not None]
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None]
-    return "\n".join(lines) + "\n"
+    """A config tree as TOML (tomli-w: every string form escaped, as tomllib reads it back). None values,
+    which TOML cannot hold, are left out: the key's default applies when the file is read."""
+    return tomli_w.dumps(_without_none(tree))
 
 
 def preflight(cfg: RunConfig) -> None:

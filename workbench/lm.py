@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from sae_lens.util import get_special_token_ids, str_to_dtype
 
 from workbench.config import EMBEDDED_MODEL, ModelConfig, absolute_path
 
@@ -29,10 +30,6 @@ def resolve_device(spec: str) -> torch.device:
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"model.device = '{spec}' but no CUDA device is visible; use model.device=auto or cpu")
     return torch.device(spec)
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def cache_root(cfg: ModelConfig) -> Path:
@@ -114,7 +111,7 @@ def load_lm(cfg: ModelConfig):
     """A HookedTransformer on the configured device and dtype; raises ModelLoadError with a fix."""
     from transformer_lens import HookedTransformer
 
-    device, dtype = resolve_device(cfg.device), torch_dtype(cfg.dtype)
+    device, dtype = resolve_device(cfg.device), str_to_dtype(cfg.dtype)
     if cfg.name == EMBEDDED_MODEL:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,6 +143,6 @@ def check_hook(model, cfg: ModelConfig) -> None:
 
 
 def special_token_ids(tokenizer) -> list[int]:
-    """BOS, EOS and pad ids: positions holding them never become samples."""
-    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    return sorted(i for i in ids if i is not None)
+    """BOS, EOS, pad (and SEP / decoder-start where a tokenizer has them) ids, as sae_lens filters them:
+    positions holding them never become samples."""
+    return sorted(get_special_token_ids(tokenizer))

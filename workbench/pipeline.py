@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import set_seed
 
 from workbench.activations import ActivationScaler, MixingBuffer
 from workbench.config import RunConfig, config_to_dict, sweep_runs, to_toml
@@ -50,7 +51,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
     one run directory per trainer. Returns [(run_dir, final_info)]. With ckpt, continue that run."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+    set_seed(cfg.seed)  # python, numpy, torch and CUDA generators: code we do not own draws from them
     device = resolve_device(cfg.model.device)
     phases = Phases(["model load", "training", *cfg.eval.types], cache_root(cfg.model) / "phase_times.json",
                     setup_key=json.dumps([cfg.model.name, cfg.model.hook, cfg.model.dtype, device.type,
@@ -103,10 +104,13 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
             stats = train(trainers, batches, cfg.total_steps, cfg.sae.batch_size, logs, cfg.log.every_steps,
                           progress=cfg.log.progress, wandb_run=wandb_run, resume=ckpt["loop"] if ckpt else None,
                           checkpoint=checkpoint, checkpoint_every=cfg.log.checkpoint_every)
+    except BaseException:
+        stream.close()  # the read-ahead thread and the LM it holds go now, not at exit
+        raise
     finally:
         for log in logs:
             log.close()
-    stream.finish()  # complete and publish the cache entry (a few more LM batches at most)
+    stream.finish()
     train_s = time.perf_counter() - t0 - lm.load_s
 
     # ---- SAE files on raw activations (normalization folded in), then all SAEs evaluated together

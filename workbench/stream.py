@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import torch
+from sae_lens.training.prefetch import PrefetchingIterator
+from sae_lens.util import str_to_dtype
 
 from workbench.config import RunConfig
 
@@ -94,19 +96,29 @@ class ActivationStream:
         self.chunks = self._raw
         bytes_needed = self.n_tokens * model.cfg.d_model * (2 if cfg.model.dtype != "float32" else 4)
         if cfg.cache.enabled and skip_chunks == 0 and bytes_needed <= self.cache.max_bytes:
-            store = torch.float32 if cfg.model.dtype == "float32" else getattr(torch, cfg.model.dtype)
+            store = torch.float32 if cfg.model.dtype == "float32" else str_to_dtype(cfg.model.dtype)
             self.writer = self.cache.writer(self.key, self.n_tokens, describe, store)
             self.chunks = self.writer.wrap(self._raw)
         self._read_ahead(d.prefetch_chunks)
 
     def _read_ahead(self, depth: int) -> None:
-        """Produce the next chunks in a background thread while the trainers step (same order)."""
+        """Produce the next chunks in a background thread while the trainers step (same order): the LM
+        forward (or the cache read) for the next chunks overlaps the SAE steps on the current ones; torch
+        releases the GIL in its kernels."""
         if depth > 0:
-            from workbench.activations import Prefetcher
-            self.prefetch = self.chunks = Prefetcher(self.chunks, depth)
+            self.prefetch = self.chunks = PrefetchingIterator(self.chunks, prefetch=depth)
+
+    def close(self) -> None:
+        """Stop reading ahead (the thread exits; fetched-ahead chunks are dropped, and they are already
+        in the cache entry being written) and abandon an unfinished cache entry. Safe to call twice."""
+        if self.prefetch is not None:
+            self.prefetch.close()
+        if self.writer is not None:
+            self.writer.abandon()
 
     def finish(self) -> None:
+        """After training: complete and publish the cache entry (a few more LM batches at most)."""
         if self.prefetch is not None:
-            self.prefetch.close()  # fetched-ahead chunks are already in the cache entry being written
+            self.prefetch.close()
         if self.writer is not None and self.writer.finish(self._raw):
             self.source = f"lm (stored as cache:{self.key})"
