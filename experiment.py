@@ -16,19 +16,24 @@ from pathlib import Path
 
 import evals
 import trainers
-from workbench.config import ConfigError, RunConfig, absolute_path, config_to_dict, load_config, preflight, sweep_runs
+from workbench.config import (ConfigError, RunConfig, absolute_path, config_reference, config_to_dict, load_config,
+                              preflight, sweep_runs)
 from workbench.record import append_notes, headline, notes_line  # noqa: F401  (notes_line: part of the CLI's API)
 from workbench.rundir import check_out_dir, load_checkpoint, mark_failed, resumable
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", required=True, help="run directory to create (e.g. run_1)")
+    p.add_argument("--out_dir", help="run directory to create (e.g. run_1)")
     p.add_argument("--config", default=None, help="TOML config (default run_configs/default.toml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set trainer.k=64 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in out_dir")
-    return p.parse_args(argv)
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    args = p.parse_args(argv)
+    if not args.help_config and not args.out_dir:
+        p.error("the following arguments are required: --out_dir")
+    return args
 
 
 def resolve_run(args, out_dir: Path) -> tuple[RunConfig, dict | None]:
@@ -68,6 +73,9 @@ def fail(message: str, cfg: RunConfig, out_dir: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.help_config:
+        print(config_reference(), end="")
+        return 0
     out_dir = absolute_path(args.out_dir)  # resolved once: nothing below depends on the working directory
     try:
         cfg, ckpt = resolve_run(args, out_dir)

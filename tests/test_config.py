@@ -208,3 +208,24 @@ def test_to_toml_round_trips_every_key_type():
     want["model"] = {k: v for k, v in tree["model"].items() if k != "none"}
     assert back == want
     assert type(back["whole"]) is float and type(back["seed"]) is int and type(back["flag"]) is bool
+
+
+def test_help_config_lists_every_key_with_its_default_and_meaning(capsys):
+    """The key reference is generated from the pydantic fields: every run key and every registered
+    trainer's key appears with its default and its description."""
+    from workbench.config import TRAINER_CONFIGS, RunConfig, config_fields
+    assert experiment.main(["--help-config"]) == 0
+    text = capsys.readouterr().out
+    for table, info in config_fields(RunConfig).items():
+        if table in ("trainer", "sweep"):
+            continue
+        sub = info.default_factory
+        for name, f in (config_fields(sub).items() if isinstance(sub, type) else [(None, info)]):
+            key = f"{table}.{name}" if name else table
+            assert f"  {key} = " in text and f.description in text, key
+    for tname, cls in TRAINER_CONFIGS.items():
+        block = text.split(f'trainer.name = "{tname}"')[1].split("trainer.name = ")[0]
+        for name, f in config_fields(cls).items():
+            assert f"  trainer.{name} = " in block and f.description in block, (tname, name)
+    assert '  data.embedded_sources = ["wiki", "c4", "tiny"]  (list["wiki" | "c4" | "tiny"])' in text
+    assert "  trainer.adam_beta1 = 0.9  (float ≥0 <1)" in text

@@ -2,12 +2,11 @@
 the lr schedule, dead-latent counting, and state for checkpoints. A trainer adds only its loss."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from workbench.config import TRAINER_CONFIGS, ConfigError, param
+from workbench.config import TRAINER_CONFIGS, configclass, param
 from workbench.sae import SAE, default_lr, normalize_rows_, remove_parallel_grad_
 from workbench.training import StepOutput  # noqa: F401  (what a trainer's step returns; the loop reads it)
 
@@ -21,29 +20,21 @@ def register(cls: type["Trainer"]) -> type["Trainer"]:
     return cls
 
 
-@dataclass
+@configclass
 class TrainerConfig:
-    lr: float = param(0.0, "Adam learning rate; 0 = 2e-4 / sqrt(d_sae / 2^14) (Gao et al.)")
-    warmup_steps: int = param(1000, "linear lr warmup steps, capped at warmup_max_frac of all steps")
-    warmup_max_frac: float = param(0.05, "cap on warmup as a fraction of all steps")
-    decay_frac: float = param(0.2, "lr decays linearly to 0 over this last fraction of steps")
-    grad_clip: float = param(1.0, "gradient-norm clip (0 = off)")
-    adam_beta1: float = param(0.9, "Adam beta1")
-    adam_beta2: float = param(0.999, "Adam beta2")
-    dead_after_tokens: int = param(0, "a latent is dead after this many tokens without firing; 0 = min(10M, train_tokens/10)")
+    lr: float = param(0.0, "Adam learning rate; 0 = 2e-4 / sqrt(d_sae / 2^14) (Gao et al.)", ge=0)
+    warmup_steps: int = param(1000, "linear lr warmup steps, capped at warmup_max_frac of all steps", ge=0)
+    warmup_max_frac: float = param(0.05, "cap on warmup as a fraction of all steps", ge=0, le=1)
+    decay_frac: float = param(0.2, "lr decays linearly to 0 over this last fraction of steps", ge=0, le=1)
+    grad_clip: float = param(1.0, "gradient-norm clip (0 = off)", ge=0)
+    adam_beta1: float = param(0.9, "Adam beta1", ge=0, lt=1)
+    adam_beta2: float = param(0.999, "Adam beta2", ge=0, lt=1)
+    dead_after_tokens: int = param(0, "a latent is dead after this many tokens without firing; 0 = min(10M, "
+                                      "train_tokens/10)", ge=0)
     name: ClassVar[str] = ""
 
     def validate(self, run) -> None:
-        def check(ok, key, msg):
-            if not ok:
-                raise ConfigError(f"config key 'trainer.{key}' {msg}")
-        check(self.lr >= 0, "lr", f"must be >= 0 (0 = default), got {self.lr}")
-        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        check(0 <= self.warmup_max_frac <= 1, "warmup_max_frac", "must be in [0, 1]")
-        check(0 <= self.decay_frac <= 1, "decay_frac", "must be in [0, 1]")
-        check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
-        check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "adam_beta1", "Adam betas must be in [0, 1)")
-        check(self.dead_after_tokens >= 0, "dead_after_tokens", "must be >= 0")
+        """Checks that relate this trainer's keys to the run's (single-key bounds are pydantic's)."""
 
 
 def lr_factor(step: int, total_steps: int, warmup: int, decay_frac: float) -> float:

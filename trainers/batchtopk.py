@@ -18,30 +18,23 @@ Training L0 is k by construction; the inference L0 (core eval) shows how well th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from trainers.base import StepOutput, Trainer, reconstruction_loss, register
 from trainers.topk import TopKConfig, auxk_loss
-from workbench.config import ConfigError, param
+from workbench.config import configclass, param
 from workbench.sae import batch_topk_relu
 
 
-@dataclass
+@configclass
 class BatchTopKConfig(TopKConfig):
     k: int = param(32, "mean active latents per token: the batch keeps its k*B largest pre-activations")
     threshold_beta: float = param(0.999, "EMA rate of the inference threshold theta (dictionary_learning's default), "
-                                         "capped at 1 - 4/updates so a short run's theta forgets its first batches")
+                                         "capped at 1 - 4/updates so a short run's theta forgets its first batches",
+                                  ge=0, lt=1)
     threshold_start_step: int = param(1000, "first step that updates theta, capped at 5% of all steps "
-                                            "(dictionary_learning's default 1000)")
-
-    def validate(self, run) -> None:
-        super().validate(run)
-        if not 0 <= self.threshold_beta < 1:
-            raise ConfigError(f"config key 'trainer.threshold_beta' must be in [0, 1), got {self.threshold_beta}")
-        if self.threshold_start_step < 0:
-            raise ConfigError("config key 'trainer.threshold_start_step' must be >= 0")
+                                            "(dictionary_learning's default 1000)", ge=0)
 
 
 @register

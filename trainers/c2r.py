@@ -12,7 +12,8 @@ overlap, and only each latent's nearest decoder neighbour is penalized.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
+
 
 import torch
 
@@ -21,24 +22,17 @@ from trainers.batchtopk import BatchTopKConfig, BatchTopKTrainer
 from trainers.max_cosine import ChunkMax, MaxCosineFields, MaxCosinePenalty
 from trainers.relu import ReLUConfig, ReLUTrainer
 from trainers.topk import TopKTrainer
-from workbench.config import ConfigError, param
+from workbench.config import configclass, param
 
 BASES = {"topk": TopKTrainer, "batchtopk": BatchTopKTrainer, "relu": ReLUTrainer}
 
 
-@dataclass
+@configclass
 class C2RConfig(BatchTopKConfig, ReLUConfig, MaxCosineFields):
-    base: str = param("topk", "base SAE: topk | batchtopk | relu (its keys apply, the others' are ignored)")
+    base: Literal["topk", "batchtopk", "relu"] = param("topk", "base SAE: topk | batchtopk | relu (its keys apply, the "
+                                                               "others' are ignored)")
     lam: float = param(10.0, "weight lambda of L_c2r; 10 calibrated on the embedded default (mean max cosine 0.27 -> 0.10 at "
-                             "-0.0065 EV; 100 killed 55% of latents). The paper used 5 on Gemma-2-2B, on its own scale")
-
-    def validate(self, run) -> None:
-        if self.base not in BASES:
-            raise ConfigError(f"config key 'trainer.base' must be one of {sorted(BASES)}, got '{self.base}'")
-        super().validate(run)
-        self.validate_max_cosine()
-        if self.lam < 0:
-            raise ConfigError(f"config key 'trainer.lam' must be >= 0, got {self.lam}")
+                             "-0.0065 EV; 100 killed 55% of latents). The paper used 5 on Gemma-2-2B, on its own scale", ge=0)
 
 
 def c2r_loss(chunks: list[ChunkMax], latents_BF: torch.Tensor) -> torch.Tensor:

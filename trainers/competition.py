@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -171,18 +172,13 @@ def per_latent_sum(pairs: CoFiring, values_P: torch.Tensor, n: int) -> torch.Ten
 from trainers.base import StepOutput, Trainer  # noqa: E402
 from trainers.relu import ReLUConfig, relu_loss_parts  # noqa: E402
 from trainers.topk import TopKConfig, topk_loss_parts  # noqa: E402
-from workbench.config import ConfigError, param  # noqa: E402
+from workbench.config import configclass, param  # noqa: E402
 
 
-@dataclass
+@configclass
 class CompetitionConfig(TopKConfig, ReLUConfig):
     """Base-SAE keys of both baselines (k, auxk_* for topk; l1_* for relu) plus the choice of base."""
-    base: str = param("topk", "base SAE: topk or relu (its keys apply, the other's are ignored)")
-
-    def validate(self, run) -> None:
-        if self.base not in ("topk", "relu"):
-            raise ConfigError(f"config key 'trainer.base' must be topk or relu, got '{self.base}'")
-        super().validate(run)
+    base: Literal["topk", "relu"] = param("topk", "base SAE: topk or relu (its keys apply, the other's are ignored)")
 
 
 class CompetitionTrainer(Trainer):

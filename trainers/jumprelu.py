@@ -16,12 +16,11 @@ Saved as a SAELens `jumprelu` SAE (threshold = theta).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from trainers.base import StepOutput, Trainer, TrainerConfig, reconstruction_loss, register
-from workbench.config import ConfigError, param
+from workbench.config import configclass, param
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -64,24 +63,16 @@ class StepFn(torch.autograd.Function):
         return None, d_theta.to(theta_F.dtype), None
 
 
-@dataclass
+@configclass
 class JumpReLUConfig(TrainerConfig):
     l0_coeff: float = param(0.1, "lambda0: weight of the L0 penalty on normalized activations; with init_l0 128, "
-                                 "0.1 gives L0 ~32 on the quickstart (0.3 -> 23; see quickstart_jumprelu.toml)")
-    l0_warmup_frac: float = param(0.05, "lambda0 rises linearly from 0 over this first fraction of training")
-    bandwidth: float = param(0.05, "STE kernel bandwidth eps (SAELens's default; the paper's 0.001 is for E||x||^2 = 1)")
-    init_threshold: float = param(0.0, "initial theta for every latent; 0 = data-driven (see init_l0)")
+                                 "0.1 gives L0 ~32 on the quickstart (0.3 -> 23; see quickstart_jumprelu.toml)", ge=0)
+    l0_warmup_frac: float = param(0.05, "lambda0 rises linearly from 0 over this first fraction of training", ge=0, le=1)
+    bandwidth: float = param(0.05, "STE kernel bandwidth eps (SAELens's default; the paper's 0.001 is for E||x||^2 = 1)",
+                             gt=0)
+    init_threshold: float = param(0.0, "initial theta for every latent; 0 = data-driven (see init_l0)", ge=0)
     init_l0: float = param(128.0, "data-driven init: theta_i starts at latent i's (1 - init_l0/n) pre-activation "
-                                  "quantile; above the target L0, so the penalty sparsifies from denser codes")
-
-    def validate(self, run) -> None:
-        super().validate(run)
-        if self.l0_coeff < 0 or not 0 <= self.l0_warmup_frac <= 1:
-            raise ConfigError("config keys 'trainer.l0_coeff' (>= 0) / 'trainer.l0_warmup_frac' ([0, 1]) out of range")
-        if self.bandwidth <= 0:
-            raise ConfigError(f"config key 'trainer.bandwidth' must be > 0, got {self.bandwidth}")
-        if self.init_threshold < 0 or self.init_l0 <= 0:
-            raise ConfigError("config keys 'trainer.init_threshold' (>= 0) / 'trainer.init_l0' (> 0) out of range")
+                                  "quantile; above the target L0, so the penalty sparsifies from denser codes", gt=0)
 
 
 @register

@@ -12,25 +12,25 @@ loss is batchtopk's exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from trainers.base import register
 from trainers.batchtopk import BatchTopKConfig, BatchTopKTrainer
-from workbench.config import ConfigError, param
+from workbench.config import ConfigError, configclass, param
 
 
-@dataclass
+@configclass
 class MatryoshkaConfig(BatchTopKConfig):
-    group_fractions: list = param([1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32],
-                                  "sizes of the nested groups as fractions of n, summing to 1 (SAEBench's default)")
-    group_weights: list = param([], "weight w_g of each prefix's reconstruction loss; [] = uniform 1/G")
+    group_fractions: list[float] = param([1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32],
+                                         "sizes of the nested groups as fractions of n, summing to 1 (SAEBench's "
+                                         "default)", min_length=1)
+    group_weights: list[float] = param([], "weight w_g of each prefix's reconstruction loss; [] = uniform 1/G")
 
     def validate(self, run) -> None:
         super().validate(run)
         fr = self.group_fractions
-        if not fr or not all(isinstance(f, (int, float)) and f > 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+        if not all(f > 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
             raise ConfigError(f"config key 'trainer.group_fractions' must be positive fractions summing to 1, got {fr}")
         ends = group_ends(fr, run.sae.d_sae)
         if any(hi <= lo for lo, hi in zip([0] + ends[:-1], ends)):

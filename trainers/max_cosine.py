@@ -13,13 +13,12 @@ A penalty is L = L_base + coefficient * interval * penalty(chunks, latents) on e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
 from trainers.base import StepOutput
-from workbench.config import ConfigError, param
+from workbench.config import configclass, param
 from workbench.sae import max_cosine
 
 
@@ -29,22 +28,15 @@ class ChunkMax(NamedTuple):
     argmax_K: torch.Tensor    # j*(i), as a latent index
 
 
-@dataclass
+@configclass
 class MaxCosineFields:
     """Config keys of the chunked max-cosine penalties (mixed into each trainer's Config)."""
     chunk_size: int = param(8192, "latents per chunk of the seeded permutation; pairs are compared within a chunk "
-                                  "(n <= chunk_size: all pairs). OrtSAE's default 8192")
-    interval: int = param(1, "apply the penalty every this many steps, scaled by it (1 = every step)")
-    search_dtype: str = param("float32", "matmul dtype of the per-chunk argmax search: float32 | bfloat16 (the "
-                                         "value and its gradient are float32 either way)")
-
-    def validate_max_cosine(self) -> None:
-        if self.chunk_size < 2:
-            raise ConfigError(f"config key 'trainer.chunk_size' must be >= 2, got {self.chunk_size}")
-        if self.interval < 1:
-            raise ConfigError(f"config key 'trainer.interval' must be >= 1, got {self.interval}")
-        if self.search_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"config key 'trainer.search_dtype' must be float32 or bfloat16, got '{self.search_dtype}'")
+                                  "(n <= chunk_size: all pairs). OrtSAE's default 8192", ge=2)
+    interval: int = param(1, "apply the penalty every this many steps, scaled by it (1 = every step)", ge=1)
+    search_dtype: Literal["float32", "bfloat16"] = param(
+        "float32", "matmul dtype of the per-chunk argmax search: float32 | bfloat16 (the value and its gradient are "
+                   "float32 either way)")
 
 
 def chunks_of(n: int, chunk_size: int, generator: torch.Generator, device) -> list[torch.Tensor]:

@@ -14,35 +14,31 @@ a latent with no partner contributes 0), so m_i in [0, 1] and tau in (0, 1) sele
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
+
 
 import torch
 
 from trainers.base import register
 from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
                                   per_latent_sum)
-from workbench.config import ConfigError, param
+from workbench.config import ConfigError, configclass, param
 
 
-@dataclass
+@configclass
 class MomentumConfig(CompetitionConfig):
-    base: str = param("relu", "base SAE: relu (as in the seeds) or topk")
-    beta: float = param(0.9, "momentum rate beta of m_i")
+    base: Literal["topk", "relu"] = param("relu", "base SAE: relu (as in the seeds) or topk")
+    beta: float = param(0.9, "momentum rate beta of m_i", ge=0, lt=1)
     tau: float = param(0.5, "competition threshold tau: w_i = 2 where m_i > tau")
-    lambda2: float = param(0.1, "competition penalty weight lambda2")
-    normalize: str = param("none", "none (the seeds' literal sum) | mean (m from the mean overlap over co-firing "
-                                   "partners) | quantile (w = 2 above the tau-quantile of m); TRAINERS.md section 6")
+    lambda2: float = param(0.1, "competition penalty weight lambda2", ge=0)
+    normalize: Literal["none", "mean", "quantile"] = param(
+        "none", "none (the seeds' literal sum) | mean (m from the mean overlap over co-firing partners) | quantile "
+                "(w = 2 above the tau-quantile of m); TRAINERS.md section 6")
 
     def validate(self, run) -> None:
         super().validate(run)
-        if not 0 <= self.beta < 1:
-            raise ConfigError(f"config key 'trainer.beta' must be in [0, 1), got {self.beta}")
-        if self.lambda2 < 0:
-            raise ConfigError(f"config key 'trainer.lambda2' must be >= 0, got {self.lambda2}")
-        if self.normalize not in ("none", "mean", "quantile"):
-            raise ConfigError(f"config key 'trainer.normalize' must be none, mean or quantile, got '{self.normalize}'")
         if self.normalize == "quantile" and not 0 <= self.tau <= 1:
-            raise ConfigError(f"config key 'trainer.tau' is a quantile with normalize = quantile: must be in [0, 1]")
+            raise ConfigError("config key 'trainer.tau' is a quantile with normalize = quantile: must be in [0, 1]")
 
 
 @register

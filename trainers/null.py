@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from dataclasses import dataclass
-
 from trainers.base import StepOutput, register
 from trainers.topk import TopKConfig, TopKTrainer
+from workbench.config import configclass
 
 
-@dataclass
+@configclass
 class NullConfig(TopKConfig):
     """topk's keys (k sets the L0; the optimizer keys are unused)."""
 

@@ -11,26 +11,19 @@ reimplementation's 0.25 weighs a reconstruction MSE averaged over dimensions; L_
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from trainers.base import register
 from trainers.batchtopk import BatchTopKConfig, BatchTopKTrainer
 from trainers.max_cosine import ChunkMax, MaxCosineFields, MaxCosinePenalty
-from workbench.config import ConfigError, param
+from workbench.config import configclass, param
 
 
-@dataclass
+@configclass
 class OrtSAEConfig(BatchTopKConfig, MaxCosineFields):
     gamma: float = param(64.0, "weight gamma of L_ort; 64 calibrated on the embedded default (mean max cosine 0.21 -> 0.075 "
-                               "at -0.005 EV). The public reimplementation's 0.25 is per-dimension MSE units: x d here")
-
-    def validate(self, run) -> None:
-        super().validate(run)
-        self.validate_max_cosine()
-        if self.gamma < 0:
-            raise ConfigError(f"config key 'trainer.gamma' must be >= 0, got {self.gamma}")
+                               "at -0.005 EV). The public reimplementation's 0.25 is per-dimension MSE units: x d here", ge=0)
 
 
 def ortho_loss(chunks: list[ChunkMax]) -> torch.Tensor:

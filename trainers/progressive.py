@@ -8,36 +8,28 @@ schedule = "static" keeps threshold = theta0 and lambda2 = lambda2_max (the seed
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
+
 
 import torch
 
 from trainers.base import register
 from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
                                   max_abs_cosine_F, pair_dots)
-from workbench.config import ConfigError, param
+from workbench.config import configclass, param
 
 SNAPSHOTS = (0.25, 0.5, 0.75, 1.0)
 HIST_BINS = 50
 
 
-@dataclass
+@configclass
 class ProgressiveConfig(CompetitionConfig):
-    theta0: float = param(0.5, "initial overlap threshold theta0")
-    lambda2_max: float = param(0.1, "initial (maximum) penalty weight")
-    gamma: float = param(2.0, "decay exponent of lambda2(p) (2 in the seed; 0.5 the reviewer's follow-up)")
-    schedule: str = param("progressive", "progressive | static (threshold and lambda2 held at their initial values)")
-
-    def validate(self, run) -> None:
-        super().validate(run)
-        if self.base != "topk":
-            raise ConfigError("config key 'trainer.base' must be topk for the progressive trainer")
-        if self.schedule not in ("progressive", "static"):
-            raise ConfigError(f"config key 'trainer.schedule' must be progressive or static, got '{self.schedule}'")
-        if not 0 < self.theta0 <= 1:
-            raise ConfigError(f"config key 'trainer.theta0' must be in (0, 1], got {self.theta0}")
-        if self.lambda2_max < 0 or self.gamma < 0:
-            raise ConfigError("config keys 'trainer.lambda2_max' and 'trainer.gamma' must be >= 0")
+    base: Literal["topk"] = param("topk", "base SAE: topk (the progressive trainer's schedule is set for TopK codes)")
+    theta0: float = param(0.5, "initial overlap threshold theta0", gt=0, le=1)
+    lambda2_max: float = param(0.1, "initial (maximum) penalty weight", ge=0)
+    gamma: float = param(2.0, "decay exponent of lambda2(p) (2 in the seed; 0.5 the reviewer's follow-up)", ge=0)
+    schedule: Literal["progressive", "static"] = param(
+        "progressive", "progressive | static (threshold and lambda2 held at their initial values)")
 
 
 def schedule_at(cfg: ProgressiveConfig, p: float) -> tuple[float, float]:

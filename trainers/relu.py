@@ -5,25 +5,17 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from trainers.base import StepOutput, Trainer, TrainerConfig, reconstruction_loss, register
-from workbench.config import ConfigError, param
+from workbench.config import configclass, param
 
 
-@dataclass
+@configclass
 class ReLUConfig(TrainerConfig):
-    l1_coeff: float = param(0.5, "lambda1: weight of the decoder-norm-weighted L1 penalty, on normalized activations (E||x||^2 = d); 0.5 gives L0 ~75 on the quickstart")
-    l1_warmup_frac: float = param(0.05, "lambda1 rises linearly from 0 over this first fraction of training")
-
-    def validate(self, run) -> None:
-        super().validate(run)
-        if self.l1_coeff < 0:
-            raise ConfigError(f"config key 'trainer.l1_coeff' must be >= 0, got {self.l1_coeff}")
-        if not 0 <= self.l1_warmup_frac <= 1:
-            raise ConfigError("config key 'trainer.l1_warmup_frac' must be in [0, 1]")
+    l1_coeff: float = param(0.5, "lambda1: weight of the decoder-norm-weighted L1 penalty, on normalized activations (E||x||^2 = d); 0.5 gives L0 ~75 on the quickstart", ge=0)
+    l1_warmup_frac: float = param(0.05, "lambda1 rises linearly from 0 over this first fraction of training", ge=0, le=1)
 
 
 def l1_coeff_at(cfg: ReLUConfig, progress: float) -> float:

@@ -7,27 +7,24 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from trainers.base import StepOutput, Trainer, TrainerConfig, reconstruction_loss, register
-from workbench.config import ConfigError, param
+from workbench.config import ConfigError, configclass, param
 from workbench.sae import topk_relu
 
 
-@dataclass
+@configclass
 class TopKConfig(TrainerConfig):
     k: int = param(320, "active latents per token (the seeds used 320 on gemma-2-2b)")
-    auxk_alpha: float = param(1 / 32, "weight alpha of the AuxK loss")
-    k_aux: int = param(0, "dead latents used by AuxK; 0 = d_model / 2")
+    auxk_alpha: float = param(1 / 32, "weight alpha of the AuxK loss", ge=0)
+    k_aux: int = param(0, "dead latents used by AuxK; 0 = d_model / 2", ge=0)
 
     def validate(self, run) -> None:
         super().validate(run)
         if getattr(self, "base", "topk") == "topk" and not 0 < self.k <= run.sae.d_sae:
             raise ConfigError(f"config key 'trainer.k' must be in 1..sae.d_sae ({run.sae.d_sae}), got {self.k}")
-        if self.auxk_alpha < 0 or self.k_aux < 0:
-            raise ConfigError("config key 'trainer.auxk_alpha' / 'trainer.k_aux' must be >= 0")
 
 
 def auxk_loss(residual_BD: torch.Tensor, pre_BF: torch.Tensor, dead_F: torch.Tensor, k_aux: int,

@@ -1,23 +1,28 @@
-"""Run configuration: dataclasses with a one-line meaning per field, loaded from TOML plus --set overrides.
+"""Run configuration: pydantic dataclasses with a one-line meaning per field, loaded from TOML plus --set
+overrides.
 
-Every error here is a ConfigError whose message names the key and the fix; experiment.py turns it into
-one line on stderr and exit code 2, before any model loads or any directory is written.
+pydantic checks each table on its own (unknown keys, strict types: no "3" for 3 and no true for 1, the
+per-field bounds and choices); validate() checks what relates keys to each other. Every error becomes
+a ConfigError whose message names the dotted key and the fix; experiment.py turns it into one line on
+stderr and exit code 2, before any model loads or any directory is written. The `extends` merge and
+the `--set` overrides are ours (no library does them).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import sys
 import tomllib
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import tomli_w
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-DTYPES = ("float32", "bfloat16", "float16")
 EMBEDDED_MODEL = "gemma-3-270m"
 EMBEDDED_N_LAYERS = 18  # Gemma-3-270M: layers 0-17
 EMBEDDED_DATASET = "embedded"
@@ -28,18 +33,37 @@ class ConfigError(ValueError):
     """A bad configuration: the message names the key and what to do."""
 
 
-def param(default: Any, doc: str, **kw: Any) -> Any:
-    """A dataclass field carrying its one-line meaning (shown in errors and the config reference)."""
+def configclass(cls: type) -> type:
+    """A config table: a dataclass validated by pydantic on construction (and on dataclasses.replace)."""
+    return pydantic_dataclass(config=ConfigDict(extra="forbid", strict=True))(cls)
+
+
+def param(default: Any, doc: str, *, path: bool = False, **bounds: Any) -> Any:
+    """A config field: its default, its one-line meaning (errors, --help-config), bounds pydantic checks
+    (ge, gt, le, lt, min_length), and path=True for a path made absolute when the config is read."""
+    extra = {"path": True} if path else None
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **kw})
-    return field(default=default, metadata={"doc": doc, **kw})
+        return Field(default_factory=lambda d=default: type(d)(d), description=doc, json_schema_extra=extra, **bounds)
+    return Field(default=default, description=doc, json_schema_extra=extra, **bounds)
 
 
-@dataclass
+def table(cls: type, doc: str) -> Any:
+    """A nested config table with its meaning."""
+    return Field(default_factory=cls, description=doc)
+
+
+def config_fields(cls_or_obj: Any) -> dict:
+    """name -> pydantic FieldInfo (annotation, default, description, bounds) of a config table."""
+    cls = cls_or_obj if isinstance(cls_or_obj, type) else type(cls_or_obj)
+    return cls.__pydantic_fields__
+
+
+@configclass
 class ModelConfig:
-    name: str = param("google/gemma-2-2b", "TransformerLens model name, or 'gemma-3-270m' for the embedded offline model")
+    name: str = param("google/gemma-2-2b", "TransformerLens model name, or 'gemma-3-270m' for the embedded offline model",
+                      min_length=1)
     hook: str = param("blocks.12.hook_resid_post", "hook point the SAE reads, e.g. blocks.12.hook_resid_post")
-    dtype: str = param("bfloat16", "LM dtype: float32 | bfloat16 | float16")
+    dtype: Literal["float32", "bfloat16", "float16"] = param("bfloat16", "LM dtype: float32 | bfloat16 | float16")
     device: str = param("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     cache_dir: str = param("", "cache for converted embedded weights; '' = $SAE_WB_CACHE or ~/.cache/sae_workbench",
                            path=True)
@@ -51,82 +75,93 @@ class ModelConfig:
         return int(HOOK_RE.match(self.hook).group(1))  # validated before use
 
 
-@dataclass
+@configclass
 class DataConfig:
     dataset: str = param("monology/pile-uncopyrighted", "HF dataset streamed from the hub, or 'embedded' (offline text shipped on PyPI)")
     text_field: str = param("text", "column holding the text in a hub dataset")
     split: str = param("train", "split of a hub dataset")
-    embedded_sources: list = param(["wiki", "c4", "tiny"], "embedded corpora used: any of wiki, c4, tiny")
-    context_size: int = param(128, "tokens per context window, BOS included (BOS never becomes a sample)")
-    train_tokens: int = param(5_000_000, "activations (tokens) the SAE trains on")
-    llm_batch_size: int = param(32, "contexts per LM forward pass")
-    buffer_batches: int = param(32, "shuffling buffer size, in SAE batches; tokens from many contexts mix there")
-    eval_fraction: float = param(0.05, "fraction of documents held out for evaluation and never trained on")
-    norm_tokens: int = param(100_000, "tokens used to estimate the normalization scale s (E||s x||^2 = d)")
+    embedded_sources: list[Literal["wiki", "c4", "tiny"]] = param(["wiki", "c4", "tiny"], "embedded corpora used: any "
+                                                                  "of wiki, c4, tiny", min_length=1)
+    context_size: int = param(128, "tokens per context window, BOS included (BOS never becomes a sample, so >= 2)", ge=2)
+    train_tokens: int = param(5_000_000, "activations (tokens) the SAE trains on", ge=1)
+    llm_batch_size: int = param(32, "contexts per LM forward pass", ge=1)
+    buffer_batches: int = param(32, "shuffling buffer size, in SAE batches; tokens from many contexts mix there", ge=1)
+    eval_fraction: float = param(0.05, "fraction of documents held out for evaluation and never trained on", gt=0, lt=0.5)
+    norm_tokens: int = param(100_000, "tokens used to estimate the normalization scale s (E||s x||^2 = d)", ge=1)
     prefetch_chunks: int = param(2, "LM batches produced ahead in a background thread while the SAE trains "
-                                    "(0 = in turn); same batches, same result; 1.23x faster cold runs on a 2-core CPU")
+                                    "(0 = in turn); same batches, same result; 1.23x faster cold runs on a 2-core CPU",
+                                 ge=0)
 
 
-@dataclass
+@configclass
 class SAEConfig:
-    d_sae: int = param(16384, "number of latents n")
-    batch_size: int = param(2048, "activations per SAE training step (the seeds' sae_batch_size)")
-    compute_dtype: str = param("float32", "SAE training matmuls: float32, or bfloat16 (autocast; weights and Adam stay float32)")
+    d_sae: int = param(16384, "number of latents n", ge=1)
+    batch_size: int = param(2048, "activations per SAE training step (the seeds' sae_batch_size)", ge=1)
+    compute_dtype: Literal["float32", "bfloat16"] = param(
+        "float32", "SAE training matmuls: float32, or bfloat16 (autocast; weights and Adam stay float32)")
 
 
-@dataclass
+@configclass
 class EvalConfig:
-    types: list = param(["core"], "evaluations to run after training (see evals/)")
-    ce_contexts: int = param(256, "held-out contexts for the CE-loss / KL part of core")
-    ce_batch_size: int = param(8, "contexts per forward in the CE-loss / KL part (memory: logits are contexts x ctx x vocab)")
-    variance_tokens: int = param(200_000, "held-out tokens for the reconstruction, sparsity and shrinkage part of core")
-    llm_batch_size: int = param(32, "prompts per LM forward in the sae_bench evals (the seeds: 32 on gemma-2-2b)")
-    absorption_words: int = param(0, "absorption: seeded sample of single-token alphabetic words (0 = all, as SAEBench)")
+    types: list[str] = param(["core"], "evaluations to run after training (see evals/)")
+    ce_contexts: int = param(256, "held-out contexts for the CE-loss / KL part of core", ge=1)
+    ce_batch_size: int = param(8, "contexts per forward in the CE-loss / KL part (memory: logits are contexts x ctx x "
+                                  "vocab)", ge=1)
+    variance_tokens: int = param(200_000, "held-out tokens for the reconstruction, sparsity and shrinkage part of core",
+                                 ge=1)
+    llm_batch_size: int = param(32, "prompts per LM forward in the sae_bench evals (the seeds: 32 on gemma-2-2b)", ge=1)
+    absorption_words: int = param(0, "absorption: seeded sample of single-token alphabetic words (0 = all, as SAEBench)",
+                                  ge=0)
     absorption_words_per_letter: int = param(0, "absorption: stratified sample, up to this many words per first "
-                                                "letter (rare letters get enough to probe); 0 = use absorption_words")
-    absorption_min_letters: int = param(20, "absorption: letters whose ground-truth probe F1 > 0.6 needed for a result")
-    sae_probes_datasets: list = param([], "sae_probes: dataset names shipped in the sae_probes wheel ([] = all 113)")
-    sae_probes_ks: list = param([1, 2, 5], "sae_probes: numbers of latents k the probes may use")
+                                                "letter (rare letters get enough to probe); 0 = use absorption_words",
+                                             ge=0)
+    absorption_min_letters: int = param(20, "absorption: letters whose ground-truth probe F1 > 0.6 needed for a result",
+                                        ge=1)
+    sae_probes_datasets: list[str] = param([], "sae_probes: dataset names shipped in the sae_probes wheel ([] = all 113)")
+    sae_probes_ks: list[int] = param([1, 2, 5], "sae_probes: numbers of latents k the probes may use (each >= 1)",
+                                     min_length=1)
     sae_probes_llm_baseline: bool = param(True, "sae_probes: also fit the probe on the raw activations (the ceiling)")
-    probe_k_values: list = param([1, 2, 5, 10, 20, 50], "sparse_probing / scr / tpp: latent counts k (the seeds')")
-    probe_train_set_size: int = param(4000, "sparse_probing: probe training examples per dataset (the seeds')")
-    probe_test_set_size: int = param(1000, "sparse_probing: probe test examples per dataset (the seeds')")
-    probe_context_length: int = param(128, "sparse_probing / scr / tpp: tokens per example (the seeds')")
+    probe_k_values: list[int] = param([1, 2, 5, 10, 20, 50], "sparse_probing / scr / tpp: latent counts k (the seeds'; "
+                                                            "each >= 1)", min_length=1)
+    probe_train_set_size: int = param(4000, "sparse_probing: probe training examples per dataset (the seeds')", ge=1)
+    probe_test_set_size: int = param(1000, "sparse_probing: probe test examples per dataset (the seeds')", ge=1)
+    probe_context_length: int = param(128, "sparse_probing / scr / tpp: tokens per example (the seeds')", ge=2)
     unlearning_model: str = param("", "unlearning: instruction-tuned model to evaluate on (e.g. google/gemma-2-2b-it); '' = skip")
     wmdp_corpus: str = param("", "unlearning: path to the gated WMDP bio-forget-corpus.jsonl; '' = skip", path=True)
-    autointerp_n_latents: int = param(1000, "autointerp: latents explained and scored (SAEBench default)")
+    autointerp_n_latents: int = param(1000, "autointerp: latents explained and scored (SAEBench default)", ge=1)
 
 
-@dataclass
+@configclass
 class CacheConfig:
     enabled: bool = param(True, "reuse activations across runs with the same model, hook, text and budget")
     dir: str = param("", "activation cache folder; '' = $SAE_WB_CACHE/activations or ~/.cache/sae_workbench/activations",
                      path=True)
-    max_gb: float = param(50.0, "size limit; least recently used entries are evicted, a larger single run is not cached")
+    max_gb: float = param(50.0, "size limit; least recently used entries are evicted, a larger single run is not cached",
+                          gt=0)
 
 
-@dataclass
+@configclass
 class LogConfig:
-    every_steps: int = param(10, "training-log (JSONL) interval in steps")
-    checkpoint_every: int = param(200, "steps between checkpoints that an interrupted run resumes from (0 = none)")
+    every_steps: int = param(10, "training-log (JSONL) interval in steps", ge=1)
+    checkpoint_every: int = param(200, "steps between checkpoints that an interrupted run resumes from (0 = none)", ge=0)
     progress: bool = param(True, "show progress bars")
     wandb: bool = param(False, "also log to Weights & Biases (never required)")
     wandb_project: str = param("sae-workbench", "wandb project name")
 
 
-@dataclass
+@configclass
 class RunConfig:
     seed: int = param(42, "seed for data order, SAE init and every random choice")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sae: SAEConfig = field(default_factory=SAEConfig)
-    trainer: Any = None  # a registered trainer's config dataclass (trainers/), chosen by trainer.name
-    # Extra trainers on the same activation stream: [(label, trainer config)], from [[sweep]] tables. Each
-    # table is merged over [trainer] when it names the same trainer (or none), and writes {out_dir}_{label}.
-    sweep: list = field(default_factory=list)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    model: ModelConfig = table(ModelConfig, "the language model and the hook the SAE reads")
+    data: DataConfig = table(DataConfig, "the text, its context windows and the activation stream")
+    sae: SAEConfig = table(SAEConfig, "the SAE's size, batch and compute dtype")
+    trainer: Any = param(None, "a registered trainer's config table (trainers/), chosen by trainer.name")
+    sweep: list = param([], "extra trainers on the same activation stream: [(label, trainer config)] from [[sweep]] "
+                            "tables; each is merged over [trainer] when it names the same trainer (or none), and "
+                            "writes {out_dir}_{label}")
+    eval: EvalConfig = table(EvalConfig, "evaluations after training")
+    cache: CacheConfig = table(CacheConfig, "the activation cache")
+    log: LogConfig = table(LogConfig, "training log, checkpoints, progress")
 
     @property
     def total_steps(self) -> int:
@@ -135,53 +170,57 @@ class RunConfig:
 
 # ---------------------------------------------------------------- building from dicts
 
-def _type_ok(value: Any, annot: Any) -> bool:
-    if annot is Any:
-        return True
-    if isinstance(annot, str):
-        annot = {"int": int, "float": float, "str": str, "bool": bool, "list": list}.get(annot, Any)
-        if annot is Any:
-            return True
-    origin = typing.get_origin(annot)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annot))
-    if annot is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annot is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annot is type(None):
-        return value is None
-    if origin is not None:
-        return isinstance(value, origin)
-    return isinstance(value, annot)
-
-
 def _type_name(annot: Any) -> str:
-    return annot if isinstance(annot, str) else getattr(annot, "__name__", str(annot))
+    """int, float, list[int], "a" | "b" (a Literal's choices), list["a" | "b"]."""
+    origin, args = typing.get_origin(annot), typing.get_args(annot)
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin is list and args:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(annot, "__name__", str(annot))
+
+
+def _one_line(err: dict, cls: type, prefix: str) -> str:
+    """pydantic's first error as our one line: the dotted key, what it must be, what it got."""
+    loc = [str(p) for p in err["loc"]]
+    key = f"{prefix}.{loc[0]}" if prefix else loc[0]
+    where = f" item {loc[1]}" if len(loc) > 1 else ""
+    kind, got, ctx = err["type"], err.get("input"), err.get("ctx", {})
+    fields = config_fields(cls)
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        close = [k for k in fields if k.startswith(loc[0][:3])]
+        hint = f" (did you mean {', '.join(prefix + '.' + c if prefix else c for c in close)}?)" if close else ""
+        return f"unknown config key '{key}'{hint}; valid keys: {', '.join(fields)}"
+    bound = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+             "less_than": ("<", "lt")}.get(kind)
+    if bound:
+        return f"config key '{key}'{where} must be {bound[0]} {ctx[bound[1]]}, got {got!r}"
+    if kind == "literal_error":
+        return f"config key '{key}'{where} must be one of {ctx['expected']}, got {got!r}"
+    if kind == "too_short":
+        return f"config key '{key}' must have at least {ctx['min_length']} item(s), got {got!r}"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        want = _type_name(fields[loc[0]].annotation) if not where else kind.split("_")[0]
+        return f"config key '{key}'{where} must be {want}, got {got!r} ({type(got).__name__})"
+    return f"config key '{key}'{where}: {err['msg']}, got {got!r}"
 
 
 def build_dataclass(cls: type, values: dict, prefix: str) -> Any:
-    """Instantiate `cls` from a dict, rejecting unknown keys and wrong types by their dotted name."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    """Instantiate the config table `cls` from a dict (nested tables first); pydantic's first complaint
+    (unknown key, wrong type, out of bounds) becomes a ConfigError naming the dotted key."""
+    fields = config_fields(cls)
+    kwargs = dict(values)
     for key, value in values.items():
-        name = f"{prefix}.{key}" if prefix else key
-        if key not in fields:
-            close = [k for k in fields if k.startswith(key[:3])]
-            hint = f" (did you mean {', '.join(prefix + '.' + c if prefix else c for c in close)}?)" if close else ""
-            raise ConfigError(f"unknown config key '{name}'{hint}; valid keys: {', '.join(fields)}")
-        f = fields[key]
-        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+        sub = fields[key].default_factory if key in fields else None
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+            name = f"{prefix}.{key}" if prefix else key
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{name}' must be a table")
-            kwargs[key] = build_dataclass(type(f.default_factory()), value, name)
-            continue
-        if not _type_ok(value, f.type):
-            raise ConfigError(f"config key '{name}' must be {_type_name(f.type)}, got {value!r} ({type(value).__name__})")
-        if _type_name(f.type) == "float" and isinstance(value, int):
-            value = float(value)
-        kwargs[key] = value
-    return cls(**kwargs)
+            kwargs[key] = build_dataclass(sub, value, name)
+    try:
+        return cls(**kwargs)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e.errors()[0], cls, prefix)) from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -252,12 +291,12 @@ def absolute_path(path: str | Path) -> Path:
 
 def resolve_paths(obj: Any) -> None:
     """Make every field marked path=True (non-empty) absolute, in place, through nested configs."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
+    for name, info in config_fields(obj).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
             resolve_paths(value)
-        elif f.metadata.get("path") and value:
-            setattr(obj, f.name, str(absolute_path(value)))
+        elif (info.json_schema_extra or {}).get("path") and value:
+            setattr(obj, name, str(absolute_path(value)))
 
 
 # ---------------------------------------------------------------- registries handed in from above
@@ -319,51 +358,63 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Value checks that need no model: ranges, names, relations between keys."""
     m, d, s, e = cfg.model, cfg.data, cfg.sae, cfg.eval
-    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got '{m.dtype}'")
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", m.device) is not None, "model.device",
            f"must be auto, cpu, cuda or cuda:N, got '{m.device}'")
     _check(HOOK_RE.match(m.hook) is not None, "model.hook",
            f"must look like blocks.L.hook_resid_post (resid_pre/resid_mid/mlp_out/attn_out also work), got '{m.hook}'")
-    _check(bool(m.name), "model.name", "must not be empty")
     if m.name == EMBEDDED_MODEL:
         _check(m.layer < EMBEDDED_N_LAYERS, "model.hook",
                f"layer {m.layer} is out of range: {EMBEDDED_MODEL} has layers 0-{EMBEDDED_N_LAYERS - 1}")
-    _check(d.context_size >= 2, "data.context_size", "must be >= 2 (BOS plus at least one token)")
     _check(d.train_tokens >= s.batch_size, "data.train_tokens", f"must be >= sae.batch_size ({s.batch_size})")
-    _check(d.llm_batch_size >= 1, "data.llm_batch_size", "must be >= 1")
-    _check(d.buffer_batches >= 1, "data.buffer_batches", "must be >= 1")
-    _check(0.0 < d.eval_fraction < 0.5, "data.eval_fraction", "must be in (0, 0.5)")
-    _check(d.norm_tokens >= 1, "data.norm_tokens", "must be >= 1")
-    bad_src = [x for x in d.embedded_sources if x not in ("wiki", "c4", "tiny")]
-    _check(not bad_src and len(d.embedded_sources) > 0, "data.embedded_sources",
-           f"must be a non-empty subset of wiki, c4, tiny, got {d.embedded_sources}")
-    _check(s.d_sae >= 1, "sae.d_sae", "must be >= 1")
-    _check(s.batch_size >= 1, "sae.batch_size", "must be >= 1")
-    _check(d.prefetch_chunks >= 0, "data.prefetch_chunks", "must be >= 0 (0 = no read-ahead)")
-    _check(s.compute_dtype in ("float32", "bfloat16"), "sae.compute_dtype", "must be 'float32' or 'bfloat16'")
-    _check(e.ce_contexts >= 1 and e.ce_batch_size >= 1 and e.variance_tokens >= 1, "eval",
-           "ce_contexts, ce_batch_size and variance_tokens must be >= 1")
     _registered()
     unknown = [t for t in e.types if t not in EVAL_CHECKS]
     _check(not unknown, "eval.types", f"names unknown evaluation(s) {unknown}; known: {sorted(EVAL_CHECKS)}")
-    _check(e.llm_batch_size >= 1 and e.absorption_min_letters >= 1 and e.absorption_words >= 0
-           and e.absorption_words_per_letter >= 0, "eval",
-           "llm_batch_size and absorption_min_letters must be >= 1, absorption_words(_per_letter) >= 0")
     for name in ("sae_probes_ks", "probe_k_values"):
-        ks = getattr(e, name)
-        _check(bool(ks) and all(isinstance(k, int) and k >= 1 for k in ks), f"eval.{name}", "must be a list of ints >= 1")
+        _check(all(k >= 1 for k in getattr(e, name)), f"eval.{name}", "must be a list of ints >= 1")
     for name in e.types:  # checks that need an eval's own data (e.g. the dataset names a wheel ships)
         if EVAL_CHECKS[name] is not None:
             EVAL_CHECKS[name](cfg)
-    _check(cfg.cache.max_gb > 0, "cache.max_gb", "must be > 0")
-    _check(cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1")
-    _check(cfg.log.checkpoint_every >= 0, "log.checkpoint_every", "must be >= 0 (0 = no checkpoints)")
     cfg.trainer.validate(cfg)
     for label, trainer in cfg.sweep:
         try:
             trainer.validate(cfg)
         except ConfigError as e:
             raise ConfigError(f"in sweep ({label}): {e}") from None
+
+
+# ---------------------------------------------------------------- the key reference
+
+def _default_text(info: Any) -> str:
+    value = info.default_factory() if info.default_factory is not None else info.default
+    return json.dumps(value, ensure_ascii=False) if value is not None else "(none)"  # TOML for these values
+
+
+def config_reference() -> str:
+    """Every key with its type, default and meaning, from the pydantic fields (`--help-config`): the run
+    tables, then each registered trainer's keys."""
+    _registered()
+
+    def rows(cls: type, prefix: str) -> list[str]:
+        out = []
+        for name, info in config_fields(cls).items():
+            if isinstance(info.default_factory, type) and dataclasses.is_dataclass(info.default_factory):
+                out += ["", f"[{prefix}{name}]  {info.description}"] + rows(info.default_factory, f"{prefix}{name}.")
+            elif name not in ("trainer", "sweep"):
+                bounds = " ".join(f"{k}{v}" for m in info.metadata for k, v in
+                                  (("≥", getattr(m, "ge", None)), (">", getattr(m, "gt", None)),
+                                   ("≤", getattr(m, "le", None)), ("<", getattr(m, "lt", None))) if v is not None)
+                kind = _type_name(info.annotation) + (f" {bounds}" if bounds else "")
+                out.append(f"  {prefix}{name} = {_default_text(info)}  ({kind})\n      {info.description}")
+        return out
+
+    lines = ["Config keys: set them in a TOML file (--config) or with --set KEY=VALUE.", ""]
+    lines += rows(RunConfig, "")
+    lines += ["", "[trainer]  trainer.name picks one; [[sweep]] tables take the same keys plus a label"]
+    for name, cls in sorted(TRAINER_CONFIGS.items()):
+        what = (sys.modules[cls.__module__].__doc__ or cls.__name__).strip().splitlines()[0]
+        lines += ["", f"trainer.name = \"{name}\"  ({what})"]
+        lines += rows(cls, "trainer.")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- saving

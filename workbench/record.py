@@ -84,8 +84,7 @@ def notes_line(run_dir: Path, final: dict) -> str:
     """The run's headline for notes.txt: trainer, hyperparameters that differ from the trainer's
     defaults, and the key metrics (n/a where an eval did not run)."""
     tcfg = final["run config"]["trainer"]
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
-                for f in dataclasses.fields(TRAINER_CONFIGS[tcfg["name"]])}
+    defaults = dataclasses.asdict(TRAINER_CONFIGS[tcfg["name"]]())
     hp = " ".join(f"{k}={v}" for k, v in tcfg.items() if k != "name" and defaults.get(k, object()) != v)
 
     def get(*path):
