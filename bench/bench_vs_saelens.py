@@ -104,11 +104,11 @@ def main(argv=None) -> int:
         p1 = ours["prov"]
         ours_tps = p1["train_tokens"] / p1["train_wall_s"]
         from workbench.lm import load_lm
-        from workbench.sae import SAE
+        from workbench.sae import load_sae
         cfg = load_config(QS)
         model = load_lm(cfg.model)
         x = heldout_acts(model, cfg)
-        ours_sae = SAE.load(ours["dirs"][0] / "sae")
+        ours_sae = load_sae(ours["dirs"][0] / "sae")
         fvu_o, l0_o = fvu_l0(ours_sae.encode, ours_sae.decode, x)
         print(f"  this project: {ours_tps:8.0f} tok/s (LM + training, {p1['train_wall_s']:.0f} s)  FVU {fvu_o:.4f}  L0 {l0_o:.1f}")
         if not args.skip_saelens:

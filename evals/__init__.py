@@ -25,7 +25,7 @@ class EvalSkipped(Exception):
 @dataclass
 class EvalContext:
     model: Any                 # the loaded HookedTransformer, shared by every eval
-    saes: list                 # workbench.sae.SAE objects on raw activations (normalization folded in)
+    saes: list                 # workbench.sae.TrainableSAE objects (sae_lens SAEs) on raw activations (normalization folded in)
     run_cfg: Any               # RunConfig (model, data and eval keys are shared by all SAEs)
     eval_contexts_NT: torch.Tensor  # held-out context windows
     special_ids: list[int]

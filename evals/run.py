@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         return 2
     from workbench.lm import cache_root, load_lm
     from workbench.phases import Phases
-    from workbench.sae import SAE
+    from workbench.sae import load_sae
 
     groups: dict[str, list] = {}  # runs evaluated together share everything the evals read but the SAE
     for run_dir, cfg, final in runs:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                         enabled=cfg.log.progress)
         with phases("model load"):
             model = load_lm(cfg.model)
-        saes = [SAE.load(run_dir / "sae") for run_dir, _, _ in members]
+        saes = [load_sae(run_dir / "sae") for run_dir, _, _ in members]
         results, skipped = evals.evaluate(cfg, model, saes, members[0][0] / "eval_artifacts", phases)
         record = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "types": cfg.eval.types,
                   "overrides": args.set, "code_version": code_version(), "wall_s": time.perf_counter() - start,

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +26,13 @@ def lens_sae(sae, run_cfg, name: str = "custom_sae"):
     reconstruction; for TopK it also keeps which latents win only when all n_i are equal, which holds here
     (trained rows are unit norm, the fold divides all by the same s), so otherwise we leave the rows alone.
     JumpReLU thresholds scale with their latent (theta_i -> n_i theta_i), which keeps every latent's gate."""
-    from sae_lens import SAE as LensSAE
-
     n_F = sae.W_dec.detach().float().norm(dim=1)
     uniform = bool(torch.allclose(n_F, n_F.mean().expand_as(n_F), rtol=1e-3))
-    with tempfile.TemporaryDirectory() as tmp:
-        sae.save(tmp, {"model_name": run_cfg.model.name, "hook_name": run_cfg.model.hook, "hook_head_index": None,
-                       "prepend_bos": True, "context_size": run_cfg.data.context_size,
-                       "dataset_path": run_cfg.data.dataset, "exclude_special_tokens": True, "sae_name": name})
-        lens = LensSAE.load_from_disk(tmp, device="cpu")
+    # our SAE is a sae_lens SAE already: a copy (weights to rescale, metadata sae_bench reads), no disk trip
+    lens = sae.folded(1.0, {**sae.cfg.metadata.to_dict(), "model_name": run_cfg.model.name,
+                            "hook_name": run_cfg.model.hook, "hook_head_index": None, "prepend_bos": True,
+                            "context_size": run_cfg.data.context_size, "dataset_path": run_cfg.data.dataset,
+                            "exclude_special_tokens": True, "sae_name": name})
     jumprelu = sae.architecture == "jumprelu"
     if uniform or jumprelu:
         with torch.no_grad():

@@ -4,7 +4,7 @@ import torch
 
 from evals.core import core_eval
 from tests.helpers import tiny_lm
-from workbench.sae import SAE
+from workbench.sae import make_sae
 
 HOOK, LAYER, SPECIAL = "blocks.0.hook_resid_post", 0, [0]
 
@@ -19,7 +19,7 @@ def contexts(n=6, T=12, vocab=50, seed=0):
 
 def identity_sae(d):
     """ReLU SAE with 2d latents: x = ReLU(x) - ReLU(-x) exactly."""
-    sae = SAE(d, 2 * d, "standard")
+    sae = make_sae(d, 2 * d, "standard")
     eye = torch.eye(d)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], 1))
@@ -54,7 +54,7 @@ def test_identity_sae_scores_exactly_one(hook):
 
 def test_zero_sae_scores_zero_and_closed_form_ev():
     model, toks = tiny_lm(), contexts()
-    m = run(model, SAE(16, 8, "standard"), toks)
+    m = run(model, make_sae(16, 8, "standard"), toks)
     x = acts_of(model, toks)
     ev = 1 - x.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert m["model_performance_preservation"]["ce_loss_score"] == 0.0
@@ -66,7 +66,7 @@ def test_zero_sae_scores_zero_and_closed_form_ev():
 def test_random_sae_matches_naive_reference():
     model, toks = tiny_lm(), contexts()
     g = torch.Generator().manual_seed(3)
-    sae = SAE(16, 32, "topk", k=4).init_tied_(g, b_dec=torch.randn(16, generator=g))
+    sae = make_sae(16, 32, "topk", k=4).init_tied_(g, b_dec=torch.randn(16, generator=g))
     m = run(model, sae, toks)
     x = acts_of(model, toks)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_many_saes_at_once_equal_one_at_a_time():
     from evals.core import core_eval_many
     model, toks = tiny_lm(), contexts()
     g = torch.Generator().manual_seed(4)
-    saes = [SAE(16, 32, "topk", k=4).init_tied_(g, b_dec=torch.randn(16, generator=g)), identity_sae(16)]
+    saes = [make_sae(16, 32, "topk", k=4).init_tied_(g, b_dec=torch.randn(16, generator=g)), identity_sae(16)]
     kw = dict(ce_contexts=toks.shape[0], ce_batch_size=4, variance_tokens=10_000, llm_batch_size=4, progress=False)
     together = core_eval_many(model, saes, toks, HOOK, LAYER, SPECIAL, **kw)
     for sae, m in zip(saes, together):

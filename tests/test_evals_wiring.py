@@ -11,14 +11,14 @@ from evals import EVALS, EvalContext, module, run_evals
 from evals.sae_bench_bridge import forwards_stop_at_hook, hub_repo, injected_model, lens_sae
 from tests.helpers import tiny_lm, tiny_run_config
 from workbench.config import ConfigError, config_from_dict
-from workbench.sae import SAE
+from workbench.sae import make_sae
 
 
 def _ctx(tmp_path, model=None, **eval_keys):
     cfg = tiny_run_config()
     for k, v in eval_keys.items():
         setattr(cfg.eval, k, v)
-    sae = SAE(16, 64, "topk", k=4)
+    sae = make_sae(16, 64, "topk", k=4)
     sae.init_tied_(torch.Generator().manual_seed(0))
     return EvalContext(model=model or tiny_lm(), saes=[sae], run_cfg=cfg, eval_contexts_NT=torch.zeros(1, 4, dtype=torch.long),
                        special_ids=[], artifacts_root=tmp_path / "art", cache_root=tmp_path / "cache", progress=False)
@@ -100,7 +100,7 @@ def test_forwards_stop_at_hook_give_the_same_cache_without_later_blocks():
 
 
 def test_lens_sae_has_unit_decoder_rows_and_the_same_reconstruction():
-    sae = SAE(16, 64, "topk", k=4)
+    sae = make_sae(16, 64, "topk", k=4)
     sae.init_tied_(torch.Generator().manual_seed(1), b_dec=torch.randn(16))
     with torch.no_grad():
         sae.b_enc.normal_()
@@ -117,7 +117,7 @@ def test_lens_sae_has_unit_decoder_rows_and_the_same_reconstruction():
 def test_lens_sae_jumprelu_scales_thresholds_with_their_latents():
     """A batchtopk/jumprelu SAE with non-uniform decoder norms: unit rows for SAEBench, the same gates."""
     g = torch.Generator().manual_seed(2)
-    sae = SAE(16, 64, "jumprelu").init_tied_(g, b_dec=torch.randn(16, generator=g))
+    sae = make_sae(16, 64, "jumprelu").init_tied_(g, b_dec=torch.randn(16, generator=g))
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(64, 1, generator=g) + 0.5)  # unequal row norms
         sae.threshold.copy_(torch.rand(64, generator=g))
@@ -191,7 +191,7 @@ def test_results_holding_library_objects_are_written_as_plain_json(tmp_path):
 
     from workbench.runio import atomic_write_json, json_safe
 
-    lens = lens_sae(SAE(16, 64, "topk", k=4), tiny_run_config())
+    lens = lens_sae(make_sae(16, 64, "topk", k=4), tiny_run_config())
     obj = {"sae_cfg_dict": dataclasses.asdict(lens.cfg), "x": np.float32(0.5), "t": torch.tensor([1, 2]),
            "bad": float("nan")}
     atomic_write_json(tmp_path / "f.json", obj)

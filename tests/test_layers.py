@@ -138,6 +138,19 @@ def test_checkpoint_round_trip_and_unreadable_file(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_old_format_checkpoint_fails_with_one_line_naming_the_fix(tmp_path, capsys):
+    """A checkpoint written before the pydantic config and the sae_lens SAE classes (format 1) is refused
+    before anything loads: exit 2, one line naming --overwrite, the run directory left as it was."""
+    import experiment
+    from workbench.rundir import CHECKPOINT
+    torch.save({"version": 1, "loop": {"next_step": 7}}, tmp_path / CHECKPOINT)
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    assert experiment.main([f"--out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "format 1" in err[0] and "--overwrite" in err[0], err
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT] and (tmp_path / CHECKPOINT).read_bytes() == before
+
+
 def test_check_out_dir_and_mark_failed(tmp_path):
     from workbench.config import ConfigError
     from workbench.rundir import check_out_dir, mark_failed

@@ -10,7 +10,8 @@ from tests.helpers import tiny_run_config
 from trainers import make_trainer
 from trainers.jumprelu import JumpReLUFn, StepFn
 from trainers.matryoshka import group_ends
-from workbench.sae import SAE, batch_topk_relu
+from workbench.sae import load_sae
+from workbench.sae_ops import batch_topk_relu
 
 
 def make(cfg, acts, total_steps=100, total_tokens=3200, seed=0):
@@ -280,7 +281,7 @@ def test_new_saes_load_in_sae_lens_with_the_same_reconstruction(name, extra, tmp
         tr.step(x)
     tr.sae.save(tmp_path / "sae", {"model_name": "m", "hook_name": "blocks.0.hook_resid_post"})
     lens = LensSAE.load_from_disk(tmp_path / "sae")
-    ours = SAE.load(tmp_path / "sae")
+    ours = load_sae(tmp_path / "sae")
     x = batches(1, seed=5)[0]
     with torch.no_grad():
         torch.testing.assert_close(lens.decode(lens.encode(x)), tr.sae(x))

@@ -9,7 +9,7 @@ from tests.test_reference_trainers import batches, make
 from trainers.c2r import c2r_loss
 from trainers.max_cosine import chunk_max_cosines, chunks_of
 from trainers.ortsae import ortho_loss
-from workbench.sae import max_cosine
+from workbench.sae_ops import max_cosine
 
 
 def naive_mu(W, members):

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from workbench.activations import ActivationScaler
-from workbench.sae import SAE
+from workbench.sae import make_sae, load_sae
 
 
 def trained_like(arch, seed=0, d=12, n=40, k=5):
     g = torch.Generator().manual_seed(seed)
-    sae = SAE(d, n, arch, k if arch == "topk" else None).init_tied_(g, b_dec=torch.randn(d, generator=g))
+    sae = make_sae(d, n, arch, k if arch == "topk" else None).init_tied_(g, b_dec=torch.randn(d, generator=g))
     with torch.no_grad():  # move away from the tied init so every weight matters
         for p in sae.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
@@ -46,11 +46,11 @@ def test_saved_sae_loads_in_sae_lens_with_same_outputs(arch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(lens.encode(x), sae.encode(x))
         torch.testing.assert_close(lens.decode(lens.encode(x)), sae(x))
-    ours = SAE.load(tmp_path / "sae")
+    ours = load_sae(tmp_path / "sae")
     with torch.no_grad():
         torch.testing.assert_close(ours(x), sae(x))
 
 
 def test_load_missing_sae_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="cfg.json"):
-        SAE.load(tmp_path)
+        load_sae(tmp_path)

@@ -9,7 +9,7 @@ from trainers import make_trainer
 from trainers.base import lr_factor
 from trainers.relu import l1_coeff_at
 from trainers.topk import auxk_loss
-from workbench.sae import normalize_rows_, remove_parallel_grad_, topk_relu
+from workbench.sae_ops import normalize_rows_, remove_parallel_grad_, topk_relu
 
 
 def make(cfg, acts, total_steps=100, total_tokens=3200):

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 
 from workbench.config import TRAINER_CONFIGS, configclass, param
-from workbench.sae import SAE, default_lr, normalize_rows_, remove_parallel_grad_
+from workbench.sae_ops import default_lr, normalize_rows_, remove_parallel_grad_
 from workbench.training import StepOutput  # noqa: F401  (what a trainer's step returns; the loop reads it)
 
 TRAINERS: dict[str, type["Trainer"]] = {}
@@ -60,8 +60,10 @@ class Trainer:
         # sums and the decoder constraint stay float32
         self.autocast = compute_dtype == "bfloat16"
         self.device_type = torch.device(device).type
+        from workbench.sae import make_sae  # sae_lens: imported when a trainer is made, not with the CLI
+
         gen = torch.Generator().manual_seed(seed)
-        self.sae = SAE(d_in, d_sae, self.architecture, getattr(cfg, "k", None)).init_tied_(
+        self.sae = make_sae(d_in, d_sae, self.architecture, getattr(cfg, "k", None)).init_tied_(
             gen, b_dec=init_acts_BD.float().mean(0).cpu()).to(device)
         self.lr = cfg.lr or default_lr(d_sae)
         # the SAE's parameters first (their order fixes Adam's state layout), then any the trainer adds

@@ -24,7 +24,7 @@ import torch
 from trainers.base import StepOutput, Trainer, reconstruction_loss, register
 from trainers.topk import TopKConfig, auxk_loss
 from workbench.config import configclass, param
-from workbench.sae import batch_topk_relu
+from workbench.sae_ops import batch_topk_relu
 
 
 @configclass

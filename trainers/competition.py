@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from workbench.sae import max_cosine
+from workbench.sae_ops import max_cosine
 
 # torch marks CSR support as beta and warns once per process; the ops used here are covered by tests.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")

@@ -19,7 +19,7 @@ import torch
 
 from trainers.base import StepOutput
 from workbench.config import configclass, param
-from workbench.sae import max_cosine
+from workbench.sae_ops import max_cosine
 
 
 class ChunkMax(NamedTuple):

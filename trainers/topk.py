@@ -12,7 +12,7 @@ import torch
 
 from trainers.base import StepOutput, Trainer, TrainerConfig, reconstruction_loss, register
 from workbench.config import ConfigError, configclass, param
-from workbench.sae import topk_relu
+from workbench.sae_ops import topk_relu
 
 
 @configclass

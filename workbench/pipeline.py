@@ -91,7 +91,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
 
     def checkpoint(loop_state: dict) -> None:
         """Everything a resumed run needs to continue bit for bit."""
-        save_checkpoint(out_dir, {"version": 1, "cfg": cfg, "d_in": d_in, "scale": scaler.scale, "loop": loop_state,
+        save_checkpoint(out_dir, {"cfg": cfg, "d_in": d_in, "scale": scaler.scale, "loop": loop_state,
                                   "buffer": mixbuf.state_dict(), "trainers": [t.state_dict() for t in trainers]})
 
     wandb_run = None
@@ -144,11 +144,12 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
 
 def save_sae(trainer, run_dir: Path, run_cfg: RunConfig, scale: float):
     """The trained SAE in SAELens format, taking raw activations; trainer artifacts beside it."""
-    sae = trainer.sae.folded(scale).eval()
-    sae.save(run_dir / "sae", {"model_name": run_cfg.model.name, "hook_name": run_cfg.model.hook,
-                               "hook_head_index": None, "prepend_bos": True, "context_size": run_cfg.data.context_size,
-                               "dataset_path": run_cfg.data.dataset, "trainer": run_cfg.trainer.name,
-                               "normalization_scale_folded": scale, "exclude_special_tokens": True})
+    sae = trainer.sae.folded(scale, {"model_name": run_cfg.model.name, "hook_name": run_cfg.model.hook,
+                                     "hook_head_index": None, "prepend_bos": True,
+                                     "context_size": run_cfg.data.context_size, "dataset_path": run_cfg.data.dataset,
+                                     "trainer": run_cfg.trainer.name, "normalization_scale_folded": scale,
+                                     "exclude_special_tokens": True}).eval()
+    sae.save(run_dir / "sae")
     if artifacts := trainer.artifacts():
         atomic_write_json(run_dir / "trainer_artifacts.json", {"trainer": run_cfg.trainer.name, **artifacts})
     return sae

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from workbench.config import TRAINER_CONFIGS, RunConfig, config_to_dict
 from workbench.runio import code_version
-from workbench.sae import max_cosine
+from workbench.sae_ops import max_cosine
 
 
 def versions() -> dict:

@@ -16,6 +16,9 @@ from workbench.runio import atomic_write_text
 
 FINAL_INFO = "final_info.json"
 CHECKPOINT = "checkpoint.pt"
+# 2: the config tables are pydantic dataclasses and the SAE is a sae_lens class (session 5); a checkpoint
+# of another format is refused rather than resumed into objects that no longer match it
+CHECKPOINT_VERSION = 2
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -36,17 +39,23 @@ def resumable(out_dir: Path) -> bool:
 
 def load_checkpoint(out_dir: Path) -> dict:
     try:
-        return torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+        ckpt = torch.load(out_dir / CHECKPOINT, map_location="cpu", weights_only=False)
     except Exception as e:  # a torn or foreign file: say so, never guess
         raise ConfigError(f"--out_dir '{out_dir}' has an unreadable {CHECKPOINT} ({type(e).__name__}); "
                           f"pass --overwrite to start the run over") from None
+    version = ckpt.get("version") if isinstance(ckpt, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise ConfigError(f"--out_dir '{out_dir}' has a {CHECKPOINT} of format {version}, written by an older "
+                          f"workbench (this one reads format {CHECKPOINT_VERSION}); pass --overwrite to start the "
+                          f"run over, or finish it with the workbench commit that wrote it")
+    return ckpt
 
 
 def save_checkpoint(out_dir: Path, state: dict) -> None:
     """Written to a temporary file, fsynced, then swapped in: a kill never leaves a torn checkpoint."""
     tmp = out_dir / f".{CHECKPOINT}.tmp"
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        torch.save({**state, "version": CHECKPOINT_VERSION}, f)
         f.flush()
         os.fsync(f.fileno())  # on disk before it replaces the last good checkpoint
     os.replace(tmp, out_dir / CHECKPOINT)

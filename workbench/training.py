@@ -7,13 +7,15 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from workbench.runio import JsonlLog
-from workbench.sae import SAE
+
+if TYPE_CHECKING:  # sae_lens is heavy to import; the loop only needs the type's name
+    from workbench.sae import TrainableSAE
 
 
 @dataclass
@@ -30,7 +32,7 @@ class StepOutput:
 class Trainer(Protocol):
     """What the loop needs of a trainer (trainers/base.py implements it; the loop never imports trainers/)."""
     name: str
-    sae: SAE
+    sae: TrainableSAE
     optimizer: torch.optim.Optimizer
     dead_mask_F: torch.Tensor
 
