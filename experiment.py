@@ -6,16 +6,24 @@ out_dir receives: config.toml (resolved), train_log.jsonl, sae/ (SAELens format,
 final_info.json (written last and atomically: its presence means the run finished).
 Exit codes: 0 done; 2 bad input (config, out_dir), nothing written; 1 the run failed (reason on stderr).
 The run itself is workbench/pipeline.py; this file is the command line over it.
+
+On several GPUs (or CPU processes): torchrun --nproc_per_node=N experiment.py --out_dir=run_1 ...
+(workbench/distributed.py). Rank 0 prints, writes and evaluates; a rerun of the same command resumes.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import traceback
 from pathlib import Path
 
+import torch
+
 import evals
 import trainers
+from workbench import distributed
 from workbench.config import (ConfigError, RunConfig, absolute_path, config_reference, config_to_dict, load_config,
                               preflight, sweep_runs)
 from workbench.record import append_notes, headline, notes_line  # noqa: F401  (notes_line: part of the CLI's API)
@@ -64,10 +72,29 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
 
 
 def fail(message: str, cfg: RunConfig, out_dir: Path) -> int:
-    """One line on stderr; run directories already created get failed.txt."""
+    """One line on stderr; run directories already created get failed.txt (from rank 0)."""
     print(f"error: {message}", file=sys.stderr)
-    mark_failed([run_dir for run_dir, _ in sweep_runs(cfg, out_dir)], message)
+    if distributed.ctx().main:
+        mark_failed([run_dir for run_dir, _ in sweep_runs(cfg, out_dir)], message)
     return 1
+
+
+def join_ranks(cfg: RunConfig, ckpt: dict | None) -> None:
+    """Under torchrun: join the process group, and refuse what the ranks cannot share (a world size
+    that does not divide the batch; a checkpoint written by another number of ranks)."""
+    if not distributed.launched():
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    if not cfg.dist.sweep_over_ranks and cfg.sae.batch_size % world:
+        raise ConfigError(f"config key 'sae.batch_size' ({cfg.sae.batch_size}) is the global batch and must be a "
+                          f"multiple of the {world} ranks; change it or --nproc_per_node")
+    if ckpt is not None and ckpt.get("world_size", 1) != world:
+        raise ConfigError(f"the checkpoint in --out_dir was written by {ckpt.get('world_size', 1)} rank(s); resume "
+                          f"with as many (torchrun --nproc_per_node={ckpt.get('world_size', 1)}), or pass --overwrite")
+    try:
+        distributed.init(cfg.model.device, cfg.dist.sweep_over_ranks)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         print(config_reference(), end="")
         return 0
     out_dir = absolute_path(args.out_dir)  # resolved once: nothing below depends on the working directory
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank parses alike; one reports
     try:
         cfg, ckpt = resolve_run(args, out_dir)
+        join_ranks(cfg, ckpt)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
+        distributed.shutdown()
         return 2
     from workbench.lm import ModelLoadError
     from workbench.text import DataError
@@ -93,9 +124,20 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"cannot write the run ({e.strerror or e}: {e.filename or out_dir}); "
                     f"free disk space or pick a writable --out_dir", cfg, out_dir)
     except Exception as e:  # noqa: BLE001 (a bug: the traceback for us, failed.txt for the run directory)
-        traceback.print_exc()
-        return fail(f"unexpected {type(e).__name__}: {e} (a bug; the traceback is above; the run can be resumed "
-                    f"from its last checkpoint)", cfg, out_dir)
+        if not distributed.from_collective(e):
+            traceback.print_exc()
+            return fail(f"unexpected {type(e).__name__}: {e} (a bug; the traceback is above; the run can be resumed "
+                        f"from its last checkpoint)", cfg, out_dir)
+        # another rank died, or the network between them: this rank's collective failed
+        reason = re.sub(r"^\[[^\]]*\] ", "", str(e).splitlines()[0]).split(". ")[0][:120]  # gloo: "[file:line] why. ..."
+        if isinstance(e, distributed.Stopped):
+            reason = str(e)
+        return fail(f"rank {distributed.ctx().rank}: a peer rank stopped ({reason}); rerun the "
+                    f"same torchrun command to resume from the last checkpoint", cfg, out_dir)
+    if not distributed.ctx().main:
+        distributed.shutdown()
+        return 0
+    distributed.shutdown()
     for run_dir, final in finals:
         print(f"done: {run_dir} {headline(final)}")
     try:

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from workbench import distributed
 from workbench.config import TRAINER_CONFIGS, configclass, param
 from workbench.sae_ops import default_lr, normalize_rows_, remove_parallel_grad_
 from workbench.training import StepOutput  # noqa: F401  (what a trainer's step returns; the loop reads it)
@@ -102,6 +103,7 @@ class Trainer:
             out = self.loss(acts_BD, self.step_count / max(1, self.total_steps))
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        distributed.average_gradients(self.params)  # torchrun: every rank then takes the same step
         remove_parallel_grad_(self.sae.W_dec)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
@@ -114,9 +116,9 @@ class Trainer:
 
     @torch.no_grad()
     def count_step(self, out: StepOutput) -> None:
-        """Dead-latent counters and the step count, after every step."""
-        fired_F = (out.latents_BF > 0).any(dim=0)
-        self.tokens_since_fired_F += out.acts_BD.shape[0]
+        """Dead-latent counters and the step count, after every step (over the global batch)."""
+        fired_F = distributed.all_max((out.latents_BF > 0).any(dim=0).to(torch.uint8)).bool()
+        self.tokens_since_fired_F += out.acts_BD.shape[0] * distributed.batch_scale()
         self.tokens_since_fired_F[fired_F] = 0
         self.step_count += 1
 

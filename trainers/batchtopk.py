@@ -18,13 +18,36 @@ Training L0 is k by construction; the inference L0 (core eval) shows how well th
 """
 from __future__ import annotations
 
-
 import torch
 
 from trainers.base import StepOutput, Trainer, reconstruction_loss, register
 from trainers.topk import TopKConfig, auxk_loss
+from workbench import distributed
 from workbench.config import configclass, param
 from workbench.sae_ops import batch_topk_relu
+
+
+def global_batch_topk_relu(pre_BF: torch.Tensor, k_total: int) -> torch.Tensor:
+    """batch_topk_relu over the global batch when torchrun splits it: the k_total-th largest of all
+    ranks' entries (it is among the union of each rank's k_total largest), and ties at the cutoff given
+    to the lowest global flat indices (rank by rank, as the global batch is laid out)."""
+    ctx = distributed.ctx()
+    if not ctx.data_parallel:
+        return batch_topk_relu(pre_BF, k_total)
+    act_BF = pre_BF.relu()
+    flat = act_BF.detach().flatten()
+    k_total = min(k_total, flat.numel() * ctx.world)
+    candidates = distributed.gather_rows(flat.topk(min(k_total, flat.numel()), sorted=False).values)
+    kth = candidates.topk(k_total, sorted=False).values.min()
+    keep = flat >= kth
+    if int(distributed.all_sum(keep.sum())) > k_total:  # more entries equal the cutoff than places left
+        keep = flat > kth
+        short = k_total - int(distributed.all_sum(keep.sum()))
+        ties = (flat == kth).nonzero().squeeze(1)
+        ties_per_rank = distributed.gather_rows(torch.tensor([ties.numel()], device=flat.device))
+        take = min(max(0, short - int(ties_per_rank[:ctx.rank].sum())), ties.numel())
+        keep.index_fill_(0, ties[:take], True)
+    return torch.where(keep.view_as(act_BF), act_BF, 0.0)
 
 
 @configclass
@@ -58,7 +81,7 @@ class BatchTopKTrainer(Trainer):
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
         cfg = self.cfg
         pre_BF = self.sae.pre_acts(acts_BD)
-        latents_BF = batch_topk_relu(pre_BF, cfg.k * acts_BD.shape[0])
+        latents_BF = global_batch_topk_relu(pre_BF, cfg.k * acts_BD.shape[0] * distributed.batch_scale())
         l_recon, parts, recon_BD = self.reconstruction(acts_BD, latents_BF)
         k_aux = cfg.k_aux or acts_BD.shape[1] // 2
         l_aux = auxk_loss((acts_BD - recon_BD).detach(), pre_BF, self.dead_mask_F, k_aux, self.sae.W_dec)
@@ -71,9 +94,10 @@ class BatchTopKTrainer(Trainer):
         if self.step_count < self.threshold_start:
             return
         kept = out.latents_BF[out.latents_BF > 0]
-        if kept.numel() == 0:
+        local_min = kept.min().float() if kept.numel() else torch.tensor(float("inf"), device=kept.device)
+        smallest = distributed.all_min(local_min)  # over the global batch
+        if not torch.isfinite(smallest):
             return
-        smallest = kept.min().float()
         theta = self.sae.threshold
         if self.threshold_updates == 0:
             theta.fill_(smallest)

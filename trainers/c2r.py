@@ -22,6 +22,7 @@ from trainers.batchtopk import BatchTopKConfig, BatchTopKTrainer
 from trainers.max_cosine import ChunkMax, MaxCosineFields, MaxCosinePenalty
 from trainers.relu import ReLUConfig, ReLUTrainer
 from trainers.topk import TopKTrainer
+from workbench import distributed
 from workbench.config import configclass, param
 
 BASES = {"topk": TopKTrainer, "batchtopk": BatchTopKTrainer, "relu": ReLUTrainer}
@@ -36,8 +37,14 @@ class C2RConfig(BatchTopKConfig, ReLUConfig, MaxCosineFields):
 
 
 def c2r_loss(chunks: list[ChunkMax], latents_BF: torch.Tensor) -> torch.Tensor:
-    """L_c2r = (1/n) sum_i (a_i + a_j*(i)) (mu+_i)^2 with a = per-latent L2 norm over the batch."""
-    a_F = latents_BF.float().norm(dim=0)
+    """L_c2r = (1/n) sum_i (a_i + a_j*(i)) (mu+_i)^2 with a = per-latent L2 norm over the batch. Under
+    torchrun a is over the global batch (a differentiable all-reduce of the squares; the penalty is then
+    the same on every rank, and averaging the ranks' gradients gives the single-process one)."""
+    if distributed.ctx().data_parallel:
+        sq_F = distributed.all_sum_differentiable(latents_BF.float().pow(2).sum(0))
+        a_F = torch.where(sq_F > 0, sq_F.clamp_min(1e-30).sqrt(), 0.0)  # sqrt's gradient at 0 would be inf
+    else:
+        a_F = latents_BF.float().norm(dim=0)
     n = latents_BF.shape[1]
     return sum(((a_F[c.members_K] + a_F[c.argmax_K]) * c.mu_K.clamp_min(0).pow(2)).sum() for c in chunks) / n
 

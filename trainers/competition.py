@@ -172,6 +172,7 @@ def per_latent_sum(pairs: CoFiring, values_P: torch.Tensor, n: int) -> torch.Ten
 from trainers.base import StepOutput, Trainer  # noqa: E402
 from trainers.relu import ReLUConfig, relu_loss_parts  # noqa: E402
 from trainers.topk import TopKConfig, topk_loss_parts  # noqa: E402
+from workbench import distributed  # noqa: E402
 from workbench.config import configclass, param  # noqa: E402
 
 
@@ -179,6 +180,14 @@ from workbench.config import configclass, param  # noqa: E402
 class CompetitionConfig(TopKConfig, ReLUConfig):
     """Base-SAE keys of both baselines (k, auxk_* for topk; l1_* for relu) plus the choice of base."""
     base: Literal["topk", "relu"] = param("topk", "base SAE: topk or relu (its keys apply, the other's are ignored)")
+
+
+def global_active(latents_BF: torch.Tensor) -> torch.Tensor:
+    """What the co-firing statistics read: the latents (only where they are > 0 matters) of the global
+    batch. Under torchrun, the ranks' firing masks all-gathered in batch order (1 byte per entry)."""
+    if not distributed.ctx().data_parallel:
+        return latents_BF
+    return distributed.gather_rows((latents_BF > 0).to(torch.uint8)).to(latents_BF.dtype)
 
 
 class CompetitionTrainer(Trainer):
@@ -198,8 +207,9 @@ class CompetitionTrainer(Trainer):
 
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
         parts, base, latents_BF, recon_BD = self.base_loss(acts_BD, progress)
-        penalty, stats = self.penalty(latents_BF, progress)
-        loss = base + penalty
+        penalty, stats = self.penalty(global_active(latents_BF), progress)
+        loss = base + penalty  # the penalty is the same on every rank under torchrun (global pairs)
         parts["competition"] = penalty.detach()
-        stats["penalty_share"] = (penalty.detach() / loss.detach()).item() if loss.item() != 0 else 0.0
+        total = distributed.all_mean(loss.detach())
+        stats["penalty_share"] = (penalty.detach() / total).item() if total.item() != 0 else 0.0
         return StepOutput(loss, parts, acts_BD, recon_BD, latents_BF, stats)

@@ -18,6 +18,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from trainers.base import StepOutput
+from workbench import distributed
 from workbench.config import configclass, param
 from workbench.sae_ops import max_cosine
 
@@ -86,7 +87,7 @@ class MaxCosinePenalty:
         out.loss = base + value
         out.parts[self.name] = value.detach()
         with torch.no_grad():
-            total = out.loss.detach().float()
+            total = distributed.all_mean(out.loss.detach().float())  # the global loss under torchrun
             out.stats.update({"penalty_share": (value.detach() / total).item() if total.item() != 0 else 0.0,
                               "mean_max_cos_pos": torch.cat([c.mu_K for c in chunks]).clamp_min(0).mean().item()})
         return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from trainers.base import StepOutput, Trainer, TrainerConfig, reconstruction_loss, register
+from workbench import distributed
 from workbench.config import ConfigError, configclass, param
 from workbench.sae_ops import topk_relu
 
@@ -29,15 +30,19 @@ class TopKConfig(TrainerConfig):
 
 def auxk_loss(residual_BD: torch.Tensor, pre_BF: torch.Tensor, dead_F: torch.Tensor, k_aux: int,
               W_dec_FD: torch.Tensor) -> torch.Tensor:
-    """Normalized error of reconstructing the residual from the top-k_aux dead latents."""
+    """Normalized error of reconstructing the residual from the top-k_aux dead latents. Under torchrun the
+    denominator (fixed: the residual is detached) is the global batch's, and the numerator is scaled by
+    N so that the ranks' mean is the global ratio."""
     n_dead = int(dead_F.sum())
     if n_dead == 0:
         return pre_BF.new_zeros(())
     dead_pre_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
     aux_BF = topk_relu(dead_pre_BF, min(k_aux, n_dead))
     e_hat_BD = aux_BF @ W_dec_FD
-    denom = (residual_BD - residual_BD.mean(0)).pow(2).sum()
-    return (residual_BD - e_hat_BD).pow(2).sum() / denom.clamp_min(1e-12)
+    scale = distributed.batch_scale()
+    mean_D = residual_BD.mean(0) if scale == 1 else distributed.all_mean(residual_BD.mean(0))
+    denom = distributed.all_sum((residual_BD - mean_D).pow(2).sum())
+    return scale * (residual_BD - e_hat_BD).pow(2).sum() / denom.clamp_min(1e-12)
 
 
 def topk_loss_parts(trainer: Trainer, acts_BD: torch.Tensor):

@@ -94,8 +94,9 @@ class ActivationCache:
             yield torch.cat(pieces).view(dtype).to(device=device, dtype=torch.float32)
 
     # ------------------------------------------------------------ writing
-    def writer(self, key: str, n_tokens: int, describe: dict, store_dtype: torch.dtype) -> "CacheWriter":
-        return CacheWriter(self, key, n_tokens, describe, store_dtype)
+    def writer(self, key: str, n_tokens: int, describe: dict, store_dtype: torch.dtype,
+               dry: bool = False) -> "CacheWriter":
+        return CacheWriter(self, key, n_tokens, describe, store_dtype, dry)
 
     def _publish(self, key: str, tmp: Path, meta: dict) -> None:
         atomic_write_json(tmp / "meta.json", meta)
@@ -126,12 +127,16 @@ class ActivationCache:
 
 class CacheWriter:
     """Pass chunks through unchanged while storing the first n_tokens; `finish(rest)` drains the source
-    until the entry is complete and publishes it (atomic rename). Abandoned entries leave nothing."""
+    until the entry is complete and publishes it (atomic rename). Abandoned entries leave nothing.
+    dry: count the same tokens and stop at the same point, writing nothing (torchrun ranks other than 0)."""
 
-    def __init__(self, cache: ActivationCache, key: str, n_tokens: int, describe: dict, store_dtype: torch.dtype):
+    def __init__(self, cache: ActivationCache, key: str, n_tokens: int, describe: dict, store_dtype: torch.dtype,
+                 dry: bool = False):
         self.cache, self.key, self.n_tokens, self.describe, self.dtype = cache, key, n_tokens, describe, store_dtype
-        cache.root.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=cache.root, prefix=f".{key}-"))
+        self.dry = dry
+        if not dry:
+            cache.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = None if dry else Path(tempfile.mkdtemp(dir=cache.root, prefix=f".{key}-"))
         self.shards, self.buf, self.buf_n, self.stored, self.sizes, self.d = [], [], 0, 0, [], None
         self.published = False
 
@@ -149,6 +154,10 @@ class CacheWriter:
         if self.published or take.shape[0] == 0:
             return
         self.d = take.shape[1]
+        if self.dry:
+            self.stored += take.shape[0]
+            self.published = self.stored >= self.n_tokens
+            return
         self.buf.append(take)
         self.sizes.append(take.shape[0])
         self.buf_n += take.shape[0]
@@ -177,5 +186,5 @@ class CacheWriter:
         return self.published
 
     def abandon(self) -> None:
-        if not self.published:
+        if not self.published and self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -150,6 +150,13 @@ class LogConfig:
 
 
 @configclass
+class DistConfig:
+    sweep_over_ranks: bool = param(False, "under torchrun with a [[sweep]]: each rank steps its own trainers (trainer i "
+                                          "on rank i % N) on the whole global batch, so N trainers cost about one; "
+                                          "false: every trainer's batch is split across the ranks (data parallel)")
+
+
+@configclass
 class RunConfig:
     seed: int = param(42, "seed for data order, SAE init and every random choice")
     model: ModelConfig = table(ModelConfig, "the language model and the hook the SAE reads")
@@ -162,6 +169,7 @@ class RunConfig:
     eval: EvalConfig = table(EvalConfig, "evaluations after training")
     cache: CacheConfig = table(CacheConfig, "the activation cache")
     log: LogConfig = table(LogConfig, "training log, checkpoints, progress")
+    dist: DistConfig = table(DistConfig, "torchrun: how the ranks share the work (ignored in one process)")
 
     @property
     def total_steps(self) -> int:

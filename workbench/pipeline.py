@@ -17,6 +17,7 @@ import torch
 from transformers import set_seed
 
 from workbench.activations import ActivationScaler, MixingBuffer
+from workbench import distributed
 from workbench.config import RunConfig, config_to_dict, sweep_runs, to_toml
 from workbench.lm import cache_root, resolve_device
 from workbench.phases import Phases
@@ -48,16 +49,20 @@ def first_batches(stream: ActivationStream, cfg: RunConfig, mixbuf: MixingBuffer
 def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make_trainer: MakeTrainer,
         evaluate: Evaluate, ckpt: dict | None = None) -> list[tuple[Path, dict]]:
     """Train the config's trainer (and its sweep entries) on one activation stream; evaluate; write
-    one run directory per trainer. Returns [(run_dir, final_info)]. With ckpt, continue that run."""
+    one run directory per trainer. Returns [(run_dir, final_info)]. With ckpt, continue that run.
+
+    Under torchrun (workbench/distributed.py) every rank runs this; rank 0 alone writes files, shows
+    progress and evaluates; the other ranks return [] once training and the cache entry are done."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     set_seed(cfg.seed)  # python, numpy, torch and CUDA generators: code we do not own draws from them
-    device = resolve_device(cfg.model.device)
+    dctx = distributed.ctx()
+    device = resolve_device(dctx.device or cfg.model.device)
     phases = Phases(["model load", "training", *cfg.eval.types], cache_root(cfg.model) / "phase_times.json",
                     setup_key=json.dumps([cfg.model.name, cfg.model.hook, cfg.model.dtype, device.type,
-                                          cfg.data.train_tokens, cfg.sae.d_sae, len(cfg.sweep) + 1]),
-                    enabled=cfg.log.progress)
-    lm = LazyLM(cfg, phases)
+                                          cfg.data.train_tokens, cfg.sae.d_sae, len(cfg.sweep) + 1, dctx.world]),
+                    enabled=cfg.log.progress and dctx.main)
+    lm = LazyLM(cfg, phases, device)
     mixbuf = MixingBuffer(cfg.data.buffer_batches * cfg.sae.batch_size, cfg.sae.batch_size,
                           torch.Generator().manual_seed(cfg.seed))
     runs = sweep_runs(cfg, out_dir)
@@ -66,7 +71,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
     if ckpt is None:
         stream = ActivationStream(cfg, lm, device)
         d_in, scaler, init_acts, batches = first_batches(stream, cfg, mixbuf)
-        for run_dir, run_cfg in runs:  # created only once the model and data are known to work
+        for run_dir, run_cfg in runs if dctx.main else []:  # created once the model and data are known to work
             if overwrite and run_dir.exists():
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,10 +82,11 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
         d_in, scaler = ckpt["d_in"], ActivationScaler(ckpt["scale"])
         init_acts = torch.zeros(1, d_in)  # overwritten by the checkpoint's weights
         batches = (scaler(b) for b in mixbuf.batches(stream.chunks))
-        for run_dir, _ in runs:
+        for run_dir, _ in runs if dctx.main else []:
             trim_log(run_dir / "train_log.jsonl", ckpt["loop"]["next_step"])
 
-    # ---- trainers: all step on each batch
+    # ---- trainers: all step on each batch (sweep_over_ranks: trainer i steps on rank i % N)
+    owned = [dctx.data_parallel or i % dctx.world == dctx.rank for i in range(len(runs))]
     trainers = [make_trainer(run_cfg.trainer, d_in=d_in, d_sae=cfg.sae.d_sae, total_steps=cfg.total_steps,
                              total_tokens=cfg.total_steps * cfg.sae.batch_size, init_acts_BD=init_acts,
                              seed=cfg.seed, device=device, compute_dtype=cfg.sae.compute_dtype) for _, run_cfg in runs]
@@ -89,28 +95,45 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
             trainer.load_state_dict(state)
     del init_acts
 
+    # rank 0 writes every log; a sweep_over_ranks trainer stepping elsewhere logs into a buffer that
+    # reaches rank 0 at each checkpoint and at the end
+    sweep_over_ranks = dctx.distributed and not dctx.data_parallel
+    logs = [JsonlLog(run_dir / "train_log.jsonl") if dctx.main else RecordBuffer() if own and sweep_over_ranks
+            else None for (run_dir, _), own in zip(runs, owned)]
+
     def checkpoint(loop_state: dict) -> None:
-        """Everything a resumed run needs to continue bit for bit."""
-        save_checkpoint(out_dir, {"cfg": cfg, "d_in": d_in, "scale": scaler.scale, "loop": loop_state,
-                                  "buffer": mixbuf.state_dict(), "trainers": [t.state_dict() for t in trainers]})
+        """Everything a resumed run needs to continue bit for bit (sweep_over_ranks: the states and log
+        lines of trainers on other ranks are collected first; every rank takes part)."""
+        states = collect_states(trainers, owned, logs)
+        if dctx.main:
+            save_checkpoint(out_dir, {"cfg": cfg, "d_in": d_in, "scale": scaler.scale, "loop": loop_state,
+                                      "buffer": mixbuf.state_dict(), "trainers": states, "world_size": dctx.world})
 
     wandb_run = None
-    if cfg.log.wandb:
+    if cfg.log.wandb and dctx.main:
         import wandb
         wandb_run = wandb.init(project=cfg.log.wandb_project, name=out_dir.name, config=config_to_dict(cfg))
-    logs = [JsonlLog(run_dir / "train_log.jsonl") for run_dir, _ in runs]
     try:
         with phases("training"):
             stats = train(trainers, batches, cfg.total_steps, cfg.sae.batch_size, logs, cfg.log.every_steps,
-                          progress=cfg.log.progress, wandb_run=wandb_run, resume=ckpt["loop"] if ckpt else None,
-                          checkpoint=checkpoint, checkpoint_every=cfg.log.checkpoint_every)
+                          progress=cfg.log.progress and dctx.main, wandb_run=wandb_run,
+                          resume=ckpt["loop"] if ckpt else None, checkpoint=checkpoint,
+                          checkpoint_every=cfg.log.checkpoint_every, owned=owned)
+        if sweep_over_ranks:  # every trainer's final state and numbers on rank 0
+            for trainer, state in zip(trainers, collect_states(trainers, owned, logs)):
+                if dctx.main:
+                    trainer.load_state_dict(state)
+            stats = merge_sweep_stats(stats, owned)
     except BaseException:
         stream.close()  # the read-ahead thread and the LM it holds go now, not at exit
         raise
     finally:
         for log in logs:
-            log.close()
+            if log is not None:
+                log.close()
     stream.finish()
+    if not dctx.main:
+        return []
     train_s = time.perf_counter() - t0 - lm.load_s
 
     # ---- SAE files on raw activations (normalization folded in), then all SAEs evaluated together
@@ -140,6 +163,63 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
         out.append((run_dir, final))
     (out_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: final_info.json and sae/ are the result
     return out
+
+
+class RecordBuffer:
+    """A log for a trainer stepping on a rank other than 0 (sweep_over_ranks): its records wait here
+    until collect_states hands them to rank 0's log."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+
+    def drain(self) -> list[dict]:
+        out, self.records = self.records, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def collect_states(trainers: list, owned: list[bool], logs: list) -> list | None:
+    """Every trainer's state on rank 0 (None elsewhere). With sweep_over_ranks each trainer's state (and
+    the log lines it wrote since the last call) comes from the rank that steps it; every rank calls this."""
+    dctx = distributed.ctx()
+    if not dctx.distributed or dctx.data_parallel:
+        return [t.state_dict() for t in trainers] if dctx.main else None
+    mine = {i: (_to_cpu(t.state_dict()), logs[i].drain() if isinstance(logs[i], RecordBuffer) else [])
+            for i, t in enumerate(trainers) if owned[i]}
+    parts = distributed.gather_objects(mine)
+    if not dctx.main:
+        return None
+    merged = {i: got for part in parts for i, got in part.items()}
+    for i, (_, records) in merged.items():
+        for record in records:
+            logs[i].write(record)
+    return [merged[i][0] for i in range(len(trainers))]
+
+
+def merge_sweep_stats(stats: dict, owned: list[bool]) -> dict:
+    """sweep_over_ranks: each trainer's last loss, L0 and step time from the rank that stepped it."""
+    keys = ("final_loss", "final_l0", "trainer_step_s")
+    mine = {i: [stats[k][i] for k in keys] for i, own in enumerate(owned) if own}
+    parts = distributed.gather_objects(mine)
+    if parts is None:
+        return stats
+    merged = {i: v for part in parts for i, v in part.items()}
+    return {**stats, **{k: [merged[i][j] for i in range(len(owned))] for j, k in enumerate(keys)}}
 
 
 def save_sae(trainer, run_dir: Path, run_cfg: RunConfig, scale: float):

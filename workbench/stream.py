@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from sae_lens.training.prefetch import PrefetchingIterator
 from sae_lens.util import str_to_dtype
 
+from workbench import distributed
 from workbench.config import RunConfig
 
 
@@ -31,17 +33,19 @@ def train_texts(cfg: RunConfig, epochs: list[int]):
 
 
 class LazyLM:
-    """Loads the LM on first use, timed as the "model load" phase."""
+    """Loads the LM on first use, timed as the "model load" phase (on `device`: this rank's under torchrun)."""
 
-    def __init__(self, cfg: RunConfig, phases):
-        self.cfg, self.model, self.load_s, self.phases = cfg, None, 0.0, phases
+    def __init__(self, cfg: RunConfig, phases, device: torch.device | None = None):
+        self.cfg, self.model, self.load_s, self.phases, self.device = cfg, None, 0.0, phases, device
 
     def get(self):
         if self.model is None:
             from workbench.lm import load_lm
             start = time.perf_counter()
+            model_cfg = self.cfg.model if self.device is None else dataclasses.replace(self.cfg.model,
+                                                                                       device=str(self.device))
             with self.phases("model load"):
-                self.model = load_lm(self.cfg.model)
+                self.model = load_lm(model_cfg)
             self.load_s = time.perf_counter() - start
         return self.model
 
@@ -65,7 +69,11 @@ def stream_description(cfg: RunConfig, device: torch.device) -> dict:
 class ActivationStream:
     """The run's activation chunks (float32, harvest order): read from the cache when a complete entry
     exists for this key, else produced by the LM (and stored when caching is on). skip_chunks drops the
-    chunks a resumed run already consumed (from the LM: without running it on them)."""
+    chunks a resumed run already consumed (from the LM: without running it on them).
+
+    Under torchrun every rank gets the same chunks: from the cache, each reads the entry (rank 0 checks
+    it); from the LM, each harvests its share of the LM batches (read ahead in a thread, no collectives
+    there) and the shares are all-gathered in order in the consuming thread; rank 0 stores the entry."""
 
     def __init__(self, cfg: RunConfig, lm: LazyLM, device: torch.device, skip_chunks: int = 0):
         from workbench.activations import harvest
@@ -80,7 +88,10 @@ class ActivationStream:
         root = Path(cfg.cache.dir) if cfg.cache.dir else cache_root(cfg.model) / "activations"
         self.cache = ActivationCache(root, int(cfg.cache.max_gb * 2**30))
         self.writer = self.prefetch = None
-        meta = self.cache.load_meta(self.key) if cfg.cache.enabled else None
+        dist_ctx = distributed.ctx()
+        meta = None
+        if cfg.cache.enabled:  # one rank checks (and clears a broken entry); every rank reads a good one
+            meta = distributed.broadcast_object(self.cache.load_meta(self.key) if dist_ctx.main else None)
         if meta is not None:
             self.source = f"cache:{self.key}"
             self.chunks = itertools.islice(self.cache.read(self.key, meta, device), skip_chunks, None)
@@ -92,14 +103,24 @@ class ActivationStream:
         special = special_token_ids(model.tokenizer)
         contexts = context_windows(train_texts(cfg, self.epochs), model.tokenizer, d.context_size)
         contexts = itertools.islice(contexts, skip_chunks * d.llm_batch_size, None)
+        if dist_ctx.distributed:  # LM batch g is harvested by rank g % N
+            every = contexts
+            per_batch = iter(lambda: list(itertools.islice(every, d.llm_batch_size)), [])
+            contexts = itertools.chain.from_iterable(distributed.sharded_batches(per_batch, skip_chunks))
         self._raw = harvest(model, contexts, cfg.model.hook, cfg.model.layer, d.llm_batch_size, special, out_device=device)
         self.chunks = self._raw
+        if dist_ctx.distributed:
+            self._read_ahead(d.prefetch_chunks)  # this rank's LM work, ahead; the gathers stay in this thread
+            self._raw = self.chunks = distributed.gathered_chunks(
+                self.chunks, skip_chunks, model.cfg.d_model, torch.empty(0, device=device))
         bytes_needed = self.n_tokens * model.cfg.d_model * (2 if cfg.model.dtype != "float32" else 4)
         if cfg.cache.enabled and skip_chunks == 0 and bytes_needed <= self.cache.max_bytes:
             store = torch.float32 if cfg.model.dtype == "float32" else str_to_dtype(cfg.model.dtype)
-            self.writer = self.cache.writer(self.key, self.n_tokens, describe, store)
+            # under torchrun only rank 0 stores; the others count the same tokens, so all stop together
+            self.writer = self.cache.writer(self.key, self.n_tokens, describe, store, dry=not dist_ctx.main)
             self.chunks = self.writer.wrap(self._raw)
-        self._read_ahead(d.prefetch_chunks)
+        if not dist_ctx.distributed:
+            self._read_ahead(d.prefetch_chunks)
 
     def _read_ahead(self, depth: int) -> None:
         """Produce the next chunks in a background thread while the trainers step (same order): the LM
@@ -117,8 +138,11 @@ class ActivationStream:
             self.writer.abandon()
 
     def finish(self) -> None:
-        """After training: complete and publish the cache entry (a few more LM batches at most)."""
+        """After training: complete and publish the cache entry (a few more LM batches at most). Under
+        torchrun the read-ahead (before the gathers) runs until the entry is complete, then stops."""
+        if self.prefetch is not None and not distributed.ctx().distributed:
+            self.prefetch.close()
+        if self.writer is not None and self.writer.finish(self._raw) and distributed.ctx().main:
+            self.source = f"lm (stored as cache:{self.key})"
         if self.prefetch is not None:
             self.prefetch.close()
-        if self.writer is not None and self.writer.finish(self._raw):
-            self.source = f"lm (stored as cache:{self.key})"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from workbench import distributed
 from workbench.runio import JsonlLog
 
 if TYPE_CHECKING:  # sae_lens is heavy to import; the loop only needs the type's name
@@ -41,6 +42,7 @@ class Trainer(Protocol):
 
 # Fault injection for the resume tests: the process SIGKILLs itself right after this step completes.
 KILL_AT_STEP = int(os.environ.get("SAE_WB_KILL_AT_STEP", "-1"))
+KILL_RANK = os.environ.get("SAE_WB_KILL_RANK")  # under torchrun: only this rank dies (unset: every rank)
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,12 +51,14 @@ class TrainingDiverged(RuntimeError):
 
 @torch.no_grad()
 def step_record(trainer: Trainer, out: StepOutput, step: int, tokens: int) -> dict:
-    """The numbers logged for one step (TRAINERS.md: loss parts, L0, FVU, dead fraction, lr)."""
+    """The numbers logged for one step (TRAINERS.md: loss parts, L0, FVU, dead fraction, lr), over the
+    global batch under torchrun (every rank calls this at the same steps: it all-reduces)."""
     x, x_hat = out.acts_BD, out.recon_BD
-    fvu = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-    rec = {"step": step, "tokens": tokens, "loss": out.loss.item(),
-           **{f"loss_{k}": v.item() for k, v in out.parts.items()},
-           "l0": (out.latents_BF > 0).sum(-1).float().mean().item(), "fvu": fvu.item(),
+    mean_D = distributed.all_mean(x.mean(0))
+    fvu = distributed.all_sum((x - x_hat).pow(2).sum()) / distributed.all_sum((x - mean_D).pow(2).sum()).clamp_min(1e-12)
+    rec = {"step": step, "tokens": tokens, "loss": distributed.all_mean(out.loss.detach()).item(),
+           **{f"loss_{k}": distributed.all_mean(v.detach()).item() for k, v in out.parts.items()},
+           "l0": distributed.all_mean((out.latents_BF > 0).sum(-1).float().mean()).item(), "fvu": fvu.item(),
            "dead_frac": trainer.dead_mask_F.float().mean().item(),
            "lr": trainer.optimizer.param_groups[0]["lr"]}
     rec.update(out.stats)
@@ -62,19 +66,24 @@ def step_record(trainer: Trainer, out: StepOutput, step: int, tokens: int) -> di
 
 
 def check_finite(trainer: Trainer, out: StepOutput, step: int) -> None:
-    if not math.isfinite(out.loss.item()):
-        raise TrainingDiverged(f"trainer '{trainer.name}': loss is {out.loss.item()} at step {step}; "
+    loss = distributed.all_mean(out.loss.detach()).item()  # every rank decides alike under torchrun
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"trainer '{trainer.name}': loss is {loss} at step {step}; "
                                f"lower trainer.lr or check the activations (normalization scale)")
     if not all(torch.isfinite(p).all() for p in trainer.sae.parameters()):
         raise TrainingDiverged(f"trainer '{trainer.name}': SAE weights became non-finite at step {step}; lower trainer.lr")
 
 
 def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_steps: int, batch_size: int,
-          logs: Sequence[JsonlLog], every_steps: int, progress: bool = True, wandb_run=None,
-          resume: dict | None = None, checkpoint=None, checkpoint_every: int = 0) -> dict:
+          logs: Sequence[JsonlLog | None], every_steps: int, progress: bool = True, wandb_run=None,
+          resume: dict | None = None, checkpoint=None, checkpoint_every: int = 0,
+          owned: Sequence[bool] | None = None) -> dict:
     """Step every trainer on every batch. Returns throughput numbers for the run's provenance.
 
-    checkpoint(loop_state) is called after every checkpoint_every-th step; resume is such a loop_state."""
+    checkpoint(loop_state) is called after every checkpoint_every-th step; resume is such a loop_state.
+    Under torchrun each batch is the global one and every trainer steps on this rank's rows of it; with
+    sweep_over_ranks a trainer steps (on the whole batch) only where `owned`, and logs where it steps."""
+    owned = list(owned) if owned is not None else [True] * len(trainers)
     resume = resume or {}
     step = resume.get("next_step", 0)
     bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit="tok", unit_scale=True,
@@ -86,17 +95,21 @@ def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_st
     for batch_BD in batches:
         if step >= total_steps:
             break
+        batch_BD = distributed.local_rows(batch_BD)
         for i, (trainer, log) in enumerate(zip(trainers, logs)):
+            if not owned[i]:
+                continue
             t_step = time.perf_counter()
             out = trainer.step(batch_BD)
             step_s[i] += time.perf_counter() - t_step
-            if not math.isfinite(out.loss.item()):
+            if not math.isfinite(out.loss.item()) or distributed.ctx().data_parallel:
                 check_finite(trainer, out, step)
             last = step == total_steps - 1
             if step % every_steps == 0 or last:
                 check_finite(trainer, out, step)
                 rec = step_record(trainer, out, step, (step + 1) * batch_size)
-                log.write(rec)
+                if log is not None:
+                    log.write(rec)
                 last_loss[i], last_l0[i] = rec["loss"], rec["l0"]
                 if wandb_run is not None:
                     wandb_run.log({f"{trainer.name}_{i}/{k}": v for k, v in rec.items()}, step=step)
@@ -105,7 +118,7 @@ def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_st
         if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
             checkpoint({"next_step": step, "elapsed_s": time.perf_counter() - start, "last_loss": last_loss,
                         "last_l0": last_l0, "step_s": step_s})
-        if step == KILL_AT_STEP:
+        if step == KILL_AT_STEP and KILL_RANK in (None, str(distributed.ctx().rank)):
             os.kill(os.getpid(), signal.SIGKILL)
         if step % every_steps == 0:
             bar.set_postfix(loss=f"{last_loss[0]:.4g}")
