@@ -82,15 +82,17 @@ def fail(message: str, cfg: RunConfig, out_dir: Path) -> int:
 def join_ranks(cfg: RunConfig, ckpt: dict | None) -> None:
     """Under torchrun: join the process group, and refuse what the ranks cannot share (a world size
     that does not divide the batch; a checkpoint written by another number of ranks)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if ckpt is not None and ckpt.get("world_size", 1) != world:
+        was = ckpt.get("world_size", 1)
+        how = f"torchrun --nproc_per_node={was} experiment.py" if was > 1 else "python experiment.py"
+        raise ConfigError(f"the checkpoint in --out_dir was written by {was} rank(s), this is {world}; resume it "
+                          f"with `{how} --out_dir=...`, or pass --overwrite")
     if not distributed.launched():
         return
-    world = int(os.environ["WORLD_SIZE"])
     if not cfg.dist.sweep_over_ranks and cfg.sae.batch_size % world:
         raise ConfigError(f"config key 'sae.batch_size' ({cfg.sae.batch_size}) is the global batch and must be a "
                           f"multiple of the {world} ranks; change it or --nproc_per_node")
-    if ckpt is not None and ckpt.get("world_size", 1) != world:
-        raise ConfigError(f"the checkpoint in --out_dir was written by {ckpt.get('world_size', 1)} rank(s); resume "
-                          f"with as many (torchrun --nproc_per_node={ckpt.get('world_size', 1)}), or pass --overwrite")
     try:
         distributed.init(cfg.model.device, cfg.dist.sweep_over_ranks)
     except ValueError as e:

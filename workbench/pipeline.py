@@ -120,8 +120,9 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
                           resume=ckpt["loop"] if ckpt else None, checkpoint=checkpoint,
                           checkpoint_every=cfg.log.checkpoint_every, owned=owned)
         if sweep_over_ranks:  # every trainer's final state and numbers on rank 0
-            for trainer, state in zip(trainers, collect_states(trainers, owned, logs)):
-                if dctx.main:
+            states = collect_states(trainers, owned, logs)
+            for trainer, state, own in zip(trainers, states or [], owned):
+                if not own:
                     trainer.load_state_dict(state)
             stats = merge_sweep_stats(stats, owned)
     except BaseException:
