@@ -106,13 +106,17 @@ def shutdown() -> None:
 # ---------------------------------------------------------------- collectives over the training ranks
 # Identity unless trainers split the batch across ranks (data_parallel).
 
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a new tensor; no gradient)."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """op over ranks, into a new tensor (no gradient); the identity unless data-parallel."""
     if not _CTX.data_parallel:
         return t
     t = t.detach().clone()
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_mean(t: torch.Tensor) -> torch.Tensor:
@@ -120,19 +124,11 @@ def all_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_max(t: torch.Tensor) -> torch.Tensor:
-    if not _CTX.data_parallel:
-        return t
-    t = t.detach().clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def all_min(t: torch.Tensor) -> torch.Tensor:
-    if not _CTX.data_parallel:
-        return t
-    t = t.detach().clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t
+    return _all_reduce(t, dist.ReduceOp.MIN)
 
 
 def all_sum_differentiable(t: torch.Tensor) -> torch.Tensor:
