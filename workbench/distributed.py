@@ -226,6 +226,11 @@ def gathered_chunks(own: Iterator[torch.Tensor], first: int, d: int, like: torch
             yield chunk
 
 
+def barrier() -> None:
+    if _CTX.distributed:
+        dist.barrier()
+
+
 def broadcast_object(obj):
     """Rank 0's obj on every rank (the identity with one process)."""
     if not _CTX.distributed:

@@ -58,7 +58,8 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
     set_seed(cfg.seed)  # python, numpy, torch and CUDA generators: code we do not own draws from them
     dctx = distributed.ctx()
     device = resolve_device(dctx.device or cfg.model.device)
-    phases = Phases(["model load", "training", *cfg.eval.types], cache_root(cfg.model) / "phase_times.json",
+    phases = Phases(["model load", "training", *cfg.eval.types],
+                    cache_root(cfg.model) / "phase_times.json" if dctx.main else None,  # rank 0 alone writes
                     setup_key=json.dumps([cfg.model.name, cfg.model.hook, cfg.model.dtype, device.type,
                                           cfg.data.train_tokens, cfg.sae.d_sae, len(cfg.sweep) + 1, dctx.world]),
                     enabled=cfg.log.progress and dctx.main)

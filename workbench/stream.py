@@ -99,7 +99,11 @@ class ActivationStream:
             return
         self.source = "lm"
         self.epochs = [0]
+        if dist_ctx.distributed and not dist_ctx.main:
+            distributed.barrier()  # rank 0 loads first: a first run converts the embedded weights once, not N times
         model = lm.get()
+        if dist_ctx.distributed and dist_ctx.main:
+            distributed.barrier()
         special = special_token_ids(model.tokenizer)
         contexts = context_windows(train_texts(cfg, self.epochs), model.tokenizer, d.context_size)
         contexts = itertools.islice(contexts, skip_chunks * d.llm_batch_size, None)
