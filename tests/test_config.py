@@ -62,6 +62,7 @@ def test_cli_bad_config_exits_2_and_writes_nothing(overrides, key, tmp_path, cap
     ("run_configs/quickstart_progressive.toml", ["trainer.base='relu'"], "trainer.base"),
     ("run_configs/quickstart_progressive.toml", ["trainer.theta0=0"], "trainer.theta0"),
     ("run_configs/quickstart_progressive.toml", ["trainer.beta=0.9"], "trainer.beta"),  # momentum's key
+    ("run_configs/quickstart_c2r.toml", ["trainer.base='batchtopk'", "trainer.k=0"], "trainer.k"),
 ])
 def test_research_trainer_keys_checked(path, overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):

@@ -24,7 +24,7 @@ class TopKConfig(TrainerConfig):
 
     def validate(self, run) -> None:
         super().validate(run)
-        if getattr(self, "base", "topk") == "topk" and not 0 < self.k <= run.sae.d_sae:
+        if getattr(self, "base", "topk") in ("topk", "batchtopk") and not 0 < self.k <= run.sae.d_sae:
             raise ConfigError(f"config key 'trainer.k' must be in 1..sae.d_sae ({run.sae.d_sae}), got {self.k}")
 
 
