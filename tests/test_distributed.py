@@ -210,8 +210,12 @@ def test_every_trainer_splits_its_batch_over_ranks_like_one_process():
     import socket
 
     import torch.multiprocessing as mp
-    torch.set_num_threads(1)
-    alone = [train_case(name, kw) for name, kw in TRAINER_CASES]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs; restored below (later tests compare against subprocesses)
+    try:
+        alone = [train_case(name, kw) for name, kw in TRAINER_CASES]
+    finally:
+        torch.set_num_threads(threads)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
