@@ -19,8 +19,6 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
-
 import evals
 import trainers
 from workbench import distributed

@@ -149,11 +149,6 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def rows_before() -> int:
-    """How many ranks' slices precede this one's in the global batch (its rank when data-parallel)."""
-    return _CTX.rank if _CTX.data_parallel else 0
-
-
 def batch_scale() -> int:
     """Global batch rows per local row: N when data-parallel, else 1."""
     return _CTX.world if _CTX.data_parallel else 1
@@ -240,10 +235,11 @@ def broadcast_object(obj):
     return box[0]
 
 
-def gather_objects(obj) -> list | None:
-    """Every rank's obj on rank 0, in rank order (None on the others)."""
+def gather_keyed(mine: dict) -> dict | None:
+    """The union on rank 0 of every rank's {key: value} (None on the others): e.g. each trainer's state
+    from the rank that steps it."""
     if not _CTX.distributed:
-        return [obj]
-    out = [None] * _CTX.world if _CTX.main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
+        return dict(mine)
+    parts = [None] * _CTX.world if _CTX.main else None
+    dist.gather_object(mine, parts, dst=0)
+    return {k: v for part in parts for k, v in part.items()} if _CTX.main else None

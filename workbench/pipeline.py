@@ -203,10 +203,9 @@ def collect_states(trainers: list, owned: list[bool], logs: list) -> list | None
         return [t.state_dict() for t in trainers] if dctx.main else None
     mine = {i: (_to_cpu(t.state_dict()), logs[i].drain() if isinstance(logs[i], RecordBuffer) else [])
             for i, t in enumerate(trainers) if owned[i]}
-    parts = distributed.gather_objects(mine)
-    if not dctx.main:
+    merged = distributed.gather_keyed(mine)
+    if merged is None:
         return None
-    merged = {i: got for part in parts for i, got in part.items()}
     for i, (_, records) in merged.items():
         for record in records:
             logs[i].write(record)
@@ -216,11 +215,9 @@ def collect_states(trainers: list, owned: list[bool], logs: list) -> list | None
 def merge_sweep_stats(stats: dict, owned: list[bool]) -> dict:
     """sweep_over_ranks: each trainer's last loss, L0 and step time from the rank that stepped it."""
     keys = ("final_loss", "final_l0", "trainer_step_s")
-    mine = {i: [stats[k][i] for k in keys] for i, own in enumerate(owned) if own}
-    parts = distributed.gather_objects(mine)
-    if parts is None:
+    merged = distributed.gather_keyed({i: [stats[k][i] for k in keys] for i, own in enumerate(owned) if own})
+    if merged is None:
         return stats
-    merged = {i: v for part in parts for i, v in part.items()}
     return {**stats, **{k: [merged[i][j] for i in range(len(owned))] for j, k in enumerate(keys)}}
 
 

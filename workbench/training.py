@@ -102,11 +102,11 @@ def train(trainers: Sequence[Trainer], batches: Iterable[torch.Tensor], total_st
             t_step = time.perf_counter()
             out = trainer.step(batch_BD)
             step_s[i] += time.perf_counter() - t_step
-            if not math.isfinite(out.loss.item()) or distributed.ctx().data_parallel:
+            log_step = step % every_steps == 0 or step == total_steps - 1
+            # every logged step; every step under torchrun (the ranks must stop together) or on a bad loss
+            if log_step or distributed.ctx().data_parallel or not math.isfinite(out.loss.item()):
                 check_finite(trainer, out, step)
-            last = step == total_steps - 1
-            if step % every_steps == 0 or last:
-                check_finite(trainer, out, step)
+            if log_step:
                 rec = step_record(trainer, out, step, (step + 1) * batch_size)
                 if log is not None:
                     log.write(rec)
