@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from workbench.activations import harvest, mixing_buffer, special_mask
+from workbench.config import ModelConfig
+from workbench.lm import TLHookForward
 from workbench.text import context_windows, documents, is_held_out, split_embedded
 from workbench.config import DataConfig
 
@@ -42,7 +44,8 @@ def test_harvest_drops_special_positions():
     from tests.helpers import tiny_lm
     model = tiny_lm()
     ctx = [torch.tensor([1, 5, 6, 2, 7]), torch.tensor([1, 8, 9, 10, 11])]
-    acts = torch.cat(list(harvest(model, ctx, "blocks.0.hook_resid_post", 0, 2, [0, 1, 2])))
+    hook_forward = TLHookForward(model, ModelConfig(name="tiny", hook="blocks.0.hook_resid_post"))
+    acts = torch.cat(list(harvest(hook_forward, ctx, 2, [0, 1, 2])))
     assert acts.shape == (7, 16)
     _, cache = model.run_with_cache(torch.stack(ctx))
     ref = cache["blocks.0.hook_resid_post"]

@@ -1,7 +1,8 @@
 """From context windows to shuffled, normalized SAE batches.
 
-- `harvest`: LM forward (stopped at the hook's layer) over batches of contexts; yields the hook's
-  activations at non-special positions as float32 (N, D) chunks.
+- `harvest`: an LM forward to the hook (workbench/lm.py: TransformerLens's, stopped at the hook's layer, or
+  the HuggingFace model cut after it) over batches of contexts; yields the hook's activations at
+  non-special positions as float32 (N, D) chunks.
 - `mixing_buffer`: shuffles tokens across many contexts before they form SAE batches.
 - `ActivationScaler`: the one scalar s with E||s x||^2 = d (TRAINERS.md), estimated once per run.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -32,12 +33,13 @@ def hook_activations(model, tokens_BT: torch.Tensor, hook: str, layer: int) -> t
     return captured["act"]
 
 
-def harvest(model, contexts: Iterable[torch.Tensor], hook: str, layer: int, llm_batch_size: int,
-            special_ids: list[int], out_device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+def harvest(hook_forward: Callable[[torch.Tensor], torch.Tensor], contexts: Iterable[torch.Tensor],
+            llm_batch_size: int, special_ids: list[int], out_device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """hook_forward: tokens (B, T) -> the hook's activations (B, T, D)."""
     it = iter(contexts)
     while batch := list(itertools.islice(it, llm_batch_size)):
         tokens_BT = torch.stack(batch)
-        acts_BTD = hook_activations(model, tokens_BT, hook, layer)
+        acts_BTD = hook_forward(tokens_BT)
         keep_BT = ~special_mask(tokens_BT, special_ids).to(acts_BTD.device)
         yield acts_BTD[keep_BT].to(device=out_device, dtype=torch.float32)
 

@@ -33,21 +33,38 @@ def train_texts(cfg: RunConfig, epochs: list[int]):
 
 
 class LazyLM:
-    """Loads the LM on first use, timed as the "model load" phase (on `device`: this rank's under torchrun)."""
+    """Loads the LM on first use, timed as the "model load" phase (on `device`: this rank's under torchrun):
+    `get()` the TransformerLens model (evals), `hook_forward()` the training harvest's forward, which may
+    be the HuggingFace model cut after the hook's layer (workbench/lm.py, model.harvest)."""
 
     def __init__(self, cfg: RunConfig, phases, device: torch.device | None = None):
         self.cfg, self.model, self.load_s, self.phases, self.device = cfg, None, 0.0, phases, device
+        self.model_cfg = cfg.model if device is None else dataclasses.replace(cfg.model, device=str(device))
+        self._hook_forward = None
+
+    def _timed_load(self, load):
+        start = time.perf_counter()
+        with self.phases("model load"):
+            loaded = load(self.model_cfg)
+        self.load_s += time.perf_counter() - start
+        return loaded
 
     def get(self):
         if self.model is None:
             from workbench.lm import load_lm
-            start = time.perf_counter()
-            model_cfg = self.cfg.model if self.device is None else dataclasses.replace(self.cfg.model,
-                                                                                       device=str(self.device))
-            with self.phases("model load"):
-                self.model = load_lm(model_cfg)
-            self.load_s = time.perf_counter() - start
+            self.model = self._timed_load(load_lm)
         return self.model
+
+    def hook_forward(self):
+        if self._hook_forward is None:
+            from workbench.lm import harvest_path, load_hook_forward
+            tl = self.get() if harvest_path(self.model_cfg) == "transformer_lens" else None
+            self._hook_forward = self._timed_load(lambda c: load_hook_forward(c, tl))
+        return self._hook_forward
+
+    def drop_hook_forward(self) -> None:
+        """After training: free a separate harvest model (the evals load TransformerLens's)."""
+        self._hook_forward = None
 
 
 def stream_tokens(cfg: RunConfig) -> int:
@@ -58,8 +75,11 @@ def stream_tokens(cfg: RunConfig) -> int:
 
 def stream_description(cfg: RunConfig, device: torch.device) -> dict:
     """Everything that changes the stream's activations: the cache key is its hash."""
+    from workbench.lm import harvest_path
+
     d = cfg.data
     return {"model": cfg.model.name, "hook": cfg.model.hook, "llm_dtype": cfg.model.dtype,
+            "harvest": harvest_path(cfg.model),
             "device_type": device.type, "dataset": d.dataset, "split": d.split, "text_field": d.text_field,
             "embedded_sources": d.embedded_sources, "eval_fraction": d.eval_fraction,
             "context_size": d.context_size, "llm_batch_size": d.llm_batch_size, "seed": cfg.seed,
@@ -101,23 +121,23 @@ class ActivationStream:
         self.epochs = [0]
         if dist_ctx.distributed and not dist_ctx.main:
             distributed.barrier()  # rank 0 loads first: a first run converts the embedded weights once, not N times
-        model = lm.get()
+        hook_forward = lm.hook_forward()
         if dist_ctx.distributed and dist_ctx.main:
             distributed.barrier()
-        special = special_token_ids(model.tokenizer)
-        contexts = context_windows(train_texts(cfg, self.epochs), model.tokenizer, d.context_size)
+        special = special_token_ids(hook_forward.tokenizer)
+        contexts = context_windows(train_texts(cfg, self.epochs), hook_forward.tokenizer, d.context_size)
         contexts = itertools.islice(contexts, skip_chunks * d.llm_batch_size, None)
         if dist_ctx.distributed:  # LM batch g is harvested by rank g % N
             every = contexts
             per_batch = iter(lambda: list(itertools.islice(every, d.llm_batch_size)), [])
             contexts = itertools.chain.from_iterable(distributed.sharded_batches(per_batch, skip_chunks))
-        self._raw = harvest(model, contexts, cfg.model.hook, cfg.model.layer, d.llm_batch_size, special, out_device=device)
+        self._raw = harvest(hook_forward, contexts, d.llm_batch_size, special, out_device=device)
         self.chunks = self._raw
         if dist_ctx.distributed:
             self._read_ahead(d.prefetch_chunks)  # this rank's LM work, ahead; the gathers stay in this thread
             self._raw = self.chunks = distributed.gathered_chunks(
-                self.chunks, skip_chunks, model.cfg.d_model, torch.empty(0, device=device))
-        bytes_needed = self.n_tokens * model.cfg.d_model * (2 if cfg.model.dtype != "float32" else 4)
+                self.chunks, skip_chunks, hook_forward.d_model, torch.empty(0, device=device))
+        bytes_needed = self.n_tokens * hook_forward.d_model * (2 if cfg.model.dtype != "float32" else 4)
         if cfg.cache.enabled and skip_chunks == 0 and bytes_needed <= self.cache.max_bytes:
             store = torch.float32 if cfg.model.dtype == "float32" else str_to_dtype(cfg.model.dtype)
             # under torchrun only rank 0 stores; the others count the same tokens, so all stop together

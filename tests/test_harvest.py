@@ -1,0 +1,63 @@
+"""The training harvest's fast forward (the HuggingFace model cut after the hook's layer) against
+TransformerLens's, on the embedded Gemma-3-270M and real held-out text."""
+import dataclasses
+
+import pytest
+import torch
+
+import evals  # noqa: F401  (registers the evals with the config loader)
+import trainers  # noqa: F401
+from workbench.activations import special_mask
+from workbench.config import load_config
+from workbench.lm import HFHookForward, TLHookForward, harvest_path, load_hook_forward, load_lm, special_token_ids
+from workbench.text import held_out_contexts
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def forwards():
+    """{(path, dtype): hook forward} at the quickstart's hook, and 8 real contexts of 128 tokens."""
+    cfg = load_config("run_configs/quickstart.toml")
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        mcfg = dataclasses.replace(cfg.model, dtype=dtype, device="cpu")
+        out["transformer_lens", dtype] = TLHookForward(load_lm(mcfg), mcfg)
+        out["hf", dtype] = load_hook_forward(dataclasses.replace(mcfg, harvest="hf"))
+    tok = out["hf", "float32"].tokenizer
+    tokens_BT = held_out_contexts(cfg.data, tok, 8, cfg.seed)
+    return out, tokens_BT, ~special_mask(tokens_BT, special_token_ids(tok))
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_auto_takes_hf_for_the_embedded_model_only():
+    cfg = load_config("run_configs/quickstart.toml")
+    assert harvest_path(cfg.model) == "hf"
+    assert harvest_path(dataclasses.replace(cfg.model, hook="blocks.6.hook_mlp_out")) == "transformer_lens"
+    assert harvest_path(dataclasses.replace(cfg.model, name="gpt2")) == "transformer_lens"
+    assert harvest_path(dataclasses.replace(cfg.model, harvest="transformer_lens")) == "transformer_lens"
+
+
+def test_hf_forward_equals_transformer_lens_in_float32(forwards):
+    fwd, tokens_BT, keep_BT = forwards
+    assert isinstance(fwd["hf", "float32"], HFHookForward)
+    hf, tl = fwd["hf", "float32"](tokens_BT), fwd["transformer_lens", "float32"](tokens_BT)
+    assert hf.shape == tl.shape == (8, 128, 640)
+    # every kept position (BOS dropped: its norm is ~55000) within float32 round-off
+    assert rel_err(hf[keep_BT], tl[keep_BT]) < 1e-5
+    per_token = (hf - tl).norm(dim=-1) / tl.norm(dim=-1)
+    assert per_token[keep_BT].max() < 1e-4
+
+
+def test_hf_forward_in_bfloat16_is_as_close_to_float32_as_transformer_lens(forwards):
+    """The LM dtype's tolerance: each bf16 path's error against the float32 forward. The fast path may not
+    be worse than TransformerLens's own bf16 forward (the one the evals see)."""
+    fwd, tokens_BT, keep_BT = forwards
+    ref = fwd["transformer_lens", "float32"](tokens_BT)[keep_BT]
+    err_tl = rel_err(fwd["transformer_lens", "bfloat16"](tokens_BT)[keep_BT], ref)
+    err_hf = rel_err(fwd["hf", "bfloat16"](tokens_BT)[keep_BT], ref)
+    assert err_tl < 0.05 and err_hf < 0.05, (err_tl, err_hf)  # bf16 keeps 8 mantissa bits; 18 ops deep
+    assert err_hf <= 1.25 * err_tl, (err_hf, err_tl)
