@@ -9,7 +9,7 @@ from trainers import make_trainer
 from trainers.base import lr_factor
 from trainers.relu import l1_coeff_at
 from trainers.topk import auxk_loss
-from workbench.sae_ops import normalize_rows_, remove_parallel_grad_, topk_relu
+from workbench.sae_ops import Encoding, normalize_rows_, remove_parallel_grad_, topk_relu
 
 
 def make(cfg, acts, total_steps=100, total_tokens=3200):
@@ -71,7 +71,7 @@ def test_auxk_matches_naive(n_dead):
     W_dec = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=1)
     dead = torch.zeros(40, dtype=torch.bool)
     dead[torch.randperm(40, generator=g)[:n_dead]] = True
-    got = auxk_loss(residual, pre, dead, 4, W_dec)
+    got = auxk_loss(residual, Encoding(pre, None, None, None, sparse=False), dead, 4, W_dec)
     torch.testing.assert_close(got, naive_auxk(residual, pre, dead, 4, W_dec))
 
 

@@ -8,7 +8,7 @@ import torch
 
 from workbench import distributed
 from workbench.config import TRAINER_CONFIGS, configclass, param
-from workbench.sae_ops import default_lr, normalize_rows_, remove_parallel_grad_
+from workbench.sae_ops import Codes, Encoding, default_lr, normalize_rows_, remove_parallel_grad_, sparse_step_wanted
 from workbench.training import StepOutput  # noqa: F401  (what a trainer's step returns; the loop reads it)
 
 TRAINERS: dict[str, type["Trainer"]] = {}
@@ -52,14 +52,17 @@ class Trainer:
     name: ClassVar[str]
     Config: ClassVar[type[TrainerConfig]]
     architecture: ClassVar[str]  # SAELens architecture of the SAE this trainer produces
+    sparse_codes: ClassVar[bool] = False  # its codes are a selection of entries (TopK family): sparse step possible
 
     def __init__(self, cfg: TrainerConfig, d_in: int, d_sae: int, total_steps: int, total_tokens: int,
                  init_acts_BD: torch.Tensor, seed: int, device: str | torch.device = "cpu",
-                 compute_dtype: str = "float32"):
+                 compute_dtype: str = "float32", sparse_step: str = "off"):
         self.cfg, self.total_steps = cfg, total_steps
         # bfloat16: the forward (and so its backward) runs under autocast; weights, Adam state, the loss
         # sums and the decoder constraint stay float32
         self.autocast = compute_dtype == "bfloat16"
+        # TopK-family trainers (those that set sparse_codes) may take the sparse step (workbench/sae_ops.py)
+        self.sparse_step = self.sparse_codes and sparse_step_wanted(sparse_step, d_sae, compute_dtype)
         self.device_type = torch.device(device).type
         from workbench.sae import make_sae  # sae_lens: imported when a trainer is made, not with the CLI
 
@@ -122,8 +125,23 @@ class Trainer:
         self.tokens_since_fired_F[fired_F] = 0
         self.step_count += 1
 
+    def encode(self, acts_BD: torch.Tensor) -> Encoding:
+        """The encoder forward, dense always; in the sparse step without autograd (Encoding.codes puts the
+        gradient on the selected entries only)."""
+        sae = self.sae
+        sae_in_BD = sae.process_sae_in(acts_BD)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse_step):
+            pre_BF = sae.hook_sae_acts_pre(sae_in_BD @ sae.W_enc + sae.b_enc)
+        return Encoding(pre_BF, sae_in_BD, sae.W_enc, sae.b_enc, self.sparse_step)
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        """x_hat = b_dec + sum_i f_i d_i: SAELens's dense decode, or the sparse step's embedding bag."""
+        if not codes.sparse:
+            return self.sae.decode(codes.latents_BF)
+        return codes.decode(self.sae.W_dec).to(self.sae.b_dec.dtype) + self.sae.b_dec
+
     def forward_parts(self, acts_BD: torch.Tensor):
-        """pre-activations, latents and reconstruction of the current SAE."""
+        """pre-activations, latents and reconstruction of the current SAE (dense; the ReLU family's)."""
         pre_BF = self.sae.pre_acts(acts_BD)
         latents_BF = self.sae.activate(pre_BF)
         return pre_BF, latents_BF, self.sae.decode(latents_BF)

@@ -24,17 +24,16 @@ from trainers.base import StepOutput, Trainer, reconstruction_loss, register
 from trainers.topk import TopKConfig, auxk_loss
 from workbench import distributed
 from workbench.config import configclass, param
-from workbench.sae_ops import batch_topk_relu
+from workbench.sae_ops import Codes, batch_topk_mask
 
 
-def global_batch_topk_relu(pre_BF: torch.Tensor, k_total: int) -> torch.Tensor:
-    """batch_topk_relu over the global batch when torchrun splits it: the k_total-th largest of all
+def global_batch_topk_mask(act_BF: torch.Tensor, k_total: int) -> torch.Tensor:
+    """batch_topk_mask over the global batch when torchrun splits it: the k_total-th largest of all
     ranks' entries (it is among the union of each rank's k_total largest), and ties at the cutoff given
     to the lowest global flat indices (rank by rank, as the global batch is laid out)."""
     ctx = distributed.ctx()
     if not ctx.data_parallel:
-        return batch_topk_relu(pre_BF, k_total)
-    act_BF = pre_BF.relu()
+        return batch_topk_mask(act_BF, k_total)
     flat = act_BF.detach().flatten()
     k_total = min(k_total, flat.numel() * ctx.world)
     candidates = distributed.gather_rows(flat.topk(min(k_total, flat.numel()), sorted=False).values)
@@ -47,7 +46,7 @@ def global_batch_topk_relu(pre_BF: torch.Tensor, k_total: int) -> torch.Tensor:
         ties_per_rank = distributed.gather_rows(torch.tensor([ties.numel()], device=flat.device))
         take = min(max(0, short - int(ties_per_rank[:ctx.rank].sum())), ties.numel())
         keep.index_fill_(0, ties[:take], True)
-    return torch.where(keep.view_as(act_BF), act_BF, 0.0)
+    return keep.view_as(act_BF)
 
 
 @configclass
@@ -65,6 +64,7 @@ class BatchTopKTrainer(Trainer):
     name = "batchtopk"
     Config = BatchTopKConfig
     architecture = "jumprelu"
+    sparse_codes = True
 
     def __init__(self, cfg: BatchTopKConfig, **kw):
         super().__init__(cfg, **kw)
@@ -72,19 +72,21 @@ class BatchTopKTrainer(Trainer):
         self.threshold_updates = 0
         self.threshold_beta = min(cfg.threshold_beta, 1 - 4 / max(8, self.total_steps - self.threshold_start))
 
-    def reconstruction(self, acts_BD: torch.Tensor, latents_BF: torch.Tensor):
+    def reconstruction(self, acts_BD: torch.Tensor, codes: Codes):
         """(loss term, its named parts, x_hat): L_recon here; matryoshka sums it over nested prefixes."""
-        recon_BD = self.sae.decode(latents_BF)
+        recon_BD = self.decode(codes)
         l_recon = reconstruction_loss(acts_BD, recon_BD)
         return l_recon, {"recon": l_recon}, recon_BD
 
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
         cfg = self.cfg
-        pre_BF = self.sae.pre_acts(acts_BD)
-        latents_BF = global_batch_topk_relu(pre_BF, cfg.k * acts_BD.shape[0] * distributed.batch_scale())
-        l_recon, parts, recon_BD = self.reconstruction(acts_BD, latents_BF)
+        enc = self.encode(acts_BD)
+        codes = enc.mask_codes(global_batch_topk_mask(enc.pre_BF.detach().relu(),
+                                                      cfg.k * acts_BD.shape[0] * distributed.batch_scale()))
+        latents_BF = codes.latents_BF
+        l_recon, parts, recon_BD = self.reconstruction(acts_BD, codes)
         k_aux = cfg.k_aux or acts_BD.shape[1] // 2
-        l_aux = auxk_loss((acts_BD - recon_BD).detach(), pre_BF, self.dead_mask_F, k_aux, self.sae.W_dec)
+        l_aux = auxk_loss((acts_BD - recon_BD).detach(), enc, self.dead_mask_F, k_aux, self.sae.W_dec)
         parts["auxk"] = l_aux
         stats = {"threshold": float(self.sae.threshold[0])}
         return StepOutput(l_recon + cfg.auxk_alpha * l_aux, parts, acts_BD, recon_BD, latents_BF, stats)

@@ -195,6 +195,7 @@ class CompetitionTrainer(Trainer):
 
     def __init__(self, cfg: CompetitionConfig, **kw):
         self.architecture = "topk" if cfg.base == "topk" else "standard"
+        self.sparse_codes = cfg.base == "topk"
         super().__init__(cfg, **kw)
 
     def base_loss(self, acts_BD: torch.Tensor, progress: float):

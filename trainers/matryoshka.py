@@ -18,6 +18,7 @@ import torch
 from trainers.base import register
 from trainers.batchtopk import BatchTopKConfig, BatchTopKTrainer
 from workbench.config import ConfigError, configclass, param
+from workbench.sae_ops import Codes
 
 
 @configclass
@@ -60,12 +61,12 @@ class MatryoshkaTrainer(BatchTopKTrainer):
         G = len(self.ends)
         self.weights = [float(w) for w in cfg.group_weights] if cfg.group_weights else [1.0 / G] * G
 
-    def reconstruction(self, acts_BD: torch.Tensor, latents_BF: torch.Tensor):
+    def reconstruction(self, acts_BD: torch.Tensor, codes: Codes):
         W_dec, loss, start = self.sae.W_dec, 0.0, 0
         recon_BD = self.sae.b_dec.expand_as(acts_BD)
         prefix_losses = []
         for end, w in zip(self.ends, self.weights):  # x_hat_g = x_hat_{g-1} + group g's part: one pass over W_dec
-            recon_BD = recon_BD + latents_BF[:, start:end] @ W_dec[start:end]
+            recon_BD = recon_BD + codes.decode(W_dec, start, end).to(recon_BD.dtype)
             l_g = (acts_BD - recon_BD).pow(2).sum(dim=-1).mean()
             prefix_losses.append(l_g.detach())
             loss = loss + w * l_g

@@ -13,7 +13,7 @@ import torch
 from trainers.base import StepOutput, Trainer, TrainerConfig, reconstruction_loss, register
 from workbench import distributed
 from workbench.config import ConfigError, configclass, param
-from workbench.sae_ops import topk_relu
+from workbench.sae_ops import Encoding
 
 
 @configclass
@@ -28,17 +28,15 @@ class TopKConfig(TrainerConfig):
             raise ConfigError(f"config key 'trainer.k' must be in 1..sae.d_sae ({run.sae.d_sae}), got {self.k}")
 
 
-def auxk_loss(residual_BD: torch.Tensor, pre_BF: torch.Tensor, dead_F: torch.Tensor, k_aux: int,
+def auxk_loss(residual_BD: torch.Tensor, enc: Encoding, dead_F: torch.Tensor, k_aux: int,
               W_dec_FD: torch.Tensor) -> torch.Tensor:
     """Normalized error of reconstructing the residual from the top-k_aux dead latents. Under torchrun the
     denominator (fixed: the residual is detached) is the global batch's, and the numerator is scaled by
     N so that the ranks' mean is the global ratio."""
     n_dead = int(dead_F.sum())
     if n_dead == 0:
-        return pre_BF.new_zeros(())
-    dead_pre_BF = pre_BF.masked_fill(~dead_F, float("-inf"))
-    aux_BF = topk_relu(dead_pre_BF, min(k_aux, n_dead))
-    e_hat_BD = aux_BF @ W_dec_FD
+        return residual_BD.new_zeros(())
+    e_hat_BD = enc.topk_codes(min(k_aux, n_dead), exclude_F=~dead_F).decode(W_dec_FD)
     scale = distributed.batch_scale()
     mean_D = residual_BD.mean(0) if scale == 1 else distributed.all_mean(residual_BD.mean(0))
     denom = distributed.all_sum((residual_BD - mean_D).pow(2).sum())
@@ -48,12 +46,14 @@ def auxk_loss(residual_BD: torch.Tensor, pre_BF: torch.Tensor, dead_F: torch.Ten
 def topk_loss_parts(trainer: Trainer, acts_BD: torch.Tensor):
     """The TopK objective's pieces; shared by trainers whose base SAE is TopK."""
     cfg = trainer.cfg
-    pre_BF, latents_BF, recon_BD = trainer.forward_parts(acts_BD)
+    enc = trainer.encode(acts_BD)
+    codes = enc.topk_codes(cfg.k)
+    recon_BD = trainer.decode(codes)
     l_recon = reconstruction_loss(acts_BD, recon_BD)
     k_aux = cfg.k_aux or acts_BD.shape[1] // 2
-    l_aux = auxk_loss((acts_BD - recon_BD).detach(), pre_BF, trainer.dead_mask_F, k_aux, trainer.sae.W_dec)
+    l_aux = auxk_loss((acts_BD - recon_BD).detach(), enc, trainer.dead_mask_F, k_aux, trainer.sae.W_dec)
     parts = {"recon": l_recon, "auxk": l_aux}
-    return parts, l_recon + cfg.auxk_alpha * l_aux, latents_BF, recon_BD
+    return parts, l_recon + cfg.auxk_alpha * l_aux, codes.latents_BF, recon_BD
 
 
 @register
@@ -61,6 +61,7 @@ class TopKTrainer(Trainer):
     name = "topk"
     Config = TopKConfig
     architecture = "topk"
+    sparse_codes = True
 
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
         parts, loss, latents_BF, recon_BD = topk_loss_parts(self, acts_BD)

@@ -103,6 +103,10 @@ class SAEConfig:
     batch_size: int = param(2048, "activations per SAE training step (the seeds' sae_batch_size)", ge=1)
     compute_dtype: Literal["float32", "bfloat16"] = param(
         "float32", "SAE training matmuls: float32, or bfloat16 (autocast; weights and Adam stay float32)")
+    sparse_step: Literal["auto", "on", "off"] = param(
+        "auto", "TopK-family trainers: the step that touches only the selected latents outside the encoder forward "
+                "(embedding-bag decoder, sparse encoder backward; same loss and gradients as the dense one) | off "
+                "(dense) | auto (sparse except bfloat16 below 8192 latents, where the dense step measured faster)")
 
 
 @configclass

@@ -27,7 +27,8 @@ from workbench.runio import JsonlLog, atomic_write_json, atomic_write_text
 from workbench.stream import ActivationStream, LazyLM
 from workbench.training import train
 
-# make_trainer(trainer_cfg, d_in=, d_sae=, total_steps=, total_tokens=, init_acts_BD=, seed=, device=, compute_dtype=)
+# make_trainer(trainer_cfg, d_in=, d_sae=, total_steps=, total_tokens=, init_acts_BD=, seed=, device=, compute_dtype=,
+#              sparse_step=)
 MakeTrainer = Callable[..., object]
 # evaluate(cfg, model, saes, artifacts_dir, phases) -> (per SAE {final_info key: result}, skipped {name: reason})
 Evaluate = Callable[..., tuple[list[dict], dict]]
@@ -90,7 +91,8 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
     owned = [dctx.data_parallel or i % dctx.world == dctx.rank for i in range(len(runs))]
     trainers = [make_trainer(run_cfg.trainer, d_in=d_in, d_sae=cfg.sae.d_sae, total_steps=cfg.total_steps,
                              total_tokens=cfg.total_steps * cfg.sae.batch_size, init_acts_BD=init_acts,
-                             seed=cfg.seed, device=device, compute_dtype=cfg.sae.compute_dtype) for _, run_cfg in runs]
+                             seed=cfg.seed, device=device, compute_dtype=cfg.sae.compute_dtype,
+                             sparse_step=cfg.sae.sparse_step) for _, run_cfg in runs]
     if ckpt is not None:
         for trainer, state in zip(trainers, ckpt["trainers"]):
             trainer.load_state_dict(state)

@@ -8,8 +8,10 @@ and config errors must come back before anything heavy loads.)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,6 +25,11 @@ def batch_topk_relu(pre_BF: torch.Tensor, k_total: int) -> torch.Tensor:
     """Keep the k_total largest entries of ReLU(pre) over the whole batch, zero the rest; among entries
     equal to the smallest kept value, lower flat indices win (deterministic under bfloat16 ties)."""
     act_BF = pre_BF.relu()
+    return torch.where(batch_topk_mask(act_BF, k_total), act_BF, 0.0)
+
+
+def batch_topk_mask(act_BF: torch.Tensor, k_total: int) -> torch.Tensor:
+    """Where batch_topk_relu keeps entries of act_BF (>= 0)."""
     k_total = min(k_total, act_BF.numel())
     kth = kth_largest(act_BF.detach(), k_total)
     flat = act_BF.detach().flatten()
@@ -32,7 +39,7 @@ def batch_topk_relu(pre_BF: torch.Tensor, k_total: int) -> torch.Tensor:
         short = k_total - int(torch.count_nonzero(keep))
         ties = (flat == kth).nonzero().squeeze(1)[:short]  # lowest flat indices first
         keep.index_fill_(0, ties, True)
-    return torch.where(keep.view_as(act_BF), act_BF, 0.0)
+    return keep.view_as(act_BF)
 
 
 def kth_largest(x_BF: torch.Tensor, k_total: int) -> torch.Tensor:
@@ -47,6 +54,115 @@ def kth_largest(x_BF: torch.Tensor, k_total: int) -> torch.Tensor:
         if bool((row_top_Br.min(dim=1).values < kth).all()):
             return kth
     return x_BF.flatten().topk(k_total, sorted=False).values.min()
+
+
+# ---------------------------------------------------------------- the sparse step (sparsify's idea)
+# A TopK-family SAE's codes have k active latents per token out of F. The dense step multiplies the
+# whole (B, F) code matrix three times: decoder forward, decoder backward, encoder backward. The sparse
+# step keeps only the encoder forward dense and touches the selected latents elsewhere: the decoder is
+# an embedding bag over the B*k entries, and the encoder's backward adds into the selected columns.
+# Same loss and gradients (tests/test_sparse_step.py); which is faster depends on size and dtype
+# (bench/bench_trainers.py), so `sae.sparse_step = auto` picks by the measured rule in sparse_step_wanted.
+
+
+def sparse_step_wanted(setting: str, d_sae: int, compute_dtype: str) -> bool:
+    """auto: the sparse step except where the dense one measured faster (bf16 on the quickstart's 2048
+    latents: AMX bf16 matmuls, 0.9x; float32 there 2.1x, 2304 x 16384 bf16 1.65x and float32 2.6x for sparse)."""
+    if setting != "auto":
+        return setting == "on"
+    return compute_dtype != "bfloat16" or d_sae >= 8192
+
+
+def bag_sum(rows_E: torch.Tensor, idx_E: torch.Tensor, vals_E: torch.Tensor, W_FD: torch.Tensor,
+            n_rows: int) -> torch.Tensor:
+    """out_b = sum over the entries e of row b of vals_e * W[idx_e]: an embedding bag (entries sorted by
+    row), B*k*D work where the dense product is B*F*D."""
+    offsets_B = torch.searchsorted(rows_E, torch.arange(n_rows, device=rows_E.device))
+    return F.embedding_bag(idx_E, W_FD.to(vals_E.dtype), offsets_B, mode="sum", per_sample_weights=vals_E)
+
+
+class _SelectedPreActs(torch.autograd.Function):
+    """pre_e = sae_in_{row e} . W_enc[:, idx_e] + b_enc[idx_e] at the selected entries, its value taken
+    from the dense (no-grad) encoder forward. Backward touches only the selected columns:
+    dW_enc[:, i] = sum_{e: idx_e = i} g_e sae_in_{row e};  db_enc[i] = sum g_e;  dsae_in_b = sum_e g_e W_enc[:, idx_e]."""
+
+    @staticmethod
+    def forward(ctx, pre_E, sae_in_BD, W_enc_DF, b_enc_F, rows_E, idx_E):
+        ctx.save_for_backward(sae_in_BD, W_enc_DF, rows_E, idx_E)
+        return pre_E.clone()
+
+    @staticmethod
+    def backward(ctx, g_E):
+        sae_in_BD, W_enc_DF, rows_E, idx_E = ctx.saved_tensors
+        B, (D, n) = sae_in_BD.shape[0], W_enc_DF.shape
+        g_E = g_E.float()
+        grad_in = grad_W = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_in = bag_sum(rows_E, idx_E, g_E, W_enc_DF.T, B).to(sae_in_BD.dtype)
+        if ctx.needs_input_grad[2]:
+            G_FB = torch.sparse_coo_tensor(torch.stack([idx_E, rows_E]), g_E, (n, B), check_invariants=False)
+            grad_W = torch.sparse.mm(G_FB, sae_in_BD.float()).T.to(W_enc_DF.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(n, dtype=torch.float32, device=g_E.device).index_add_(0, idx_E, g_E)
+        return None, grad_in, grad_W, grad_b, None, None
+
+
+@dataclass
+class Codes:
+    """One batch's latents f = ReLU(pre) at selected entries (rows_E, idx_E: row-major order), zero elsewhere.
+    latents_BF is the dense (B, F) tensor (differentiable either way); decode() is a dense product in the
+    dense step and an embedding bag in the sparse one."""
+    latents_BF: torch.Tensor
+    rows_E: torch.Tensor
+    idx_E: torch.Tensor
+    vals_E: torch.Tensor
+    sparse: bool
+
+    def decode(self, W_dec_FD: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """sum over latents lo..hi-1 of f_i d_i (no bias)."""
+        if not self.sparse:
+            return self.latents_BF[:, lo:hi] @ W_dec_FD[lo:hi]
+        rows, idx, vals = self.rows_E, self.idx_E, self.vals_E
+        if lo > 0 or hi is not None:
+            keep = (idx >= lo) & (idx < (W_dec_FD.shape[0] if hi is None else hi))
+            rows, idx, vals = rows[keep], idx[keep], vals[keep]
+        return bag_sum(rows, idx, vals, W_dec_FD, self.latents_BF.shape[0])
+
+
+@dataclass
+class Encoding:
+    """The encoder's output for one batch: pre_BF (differentiable in the dense step; values only in the
+    sparse step, where `codes` routes the gradient through _SelectedPreActs)."""
+    pre_BF: torch.Tensor
+    sae_in_BD: torch.Tensor
+    W_enc_DF: torch.Tensor
+    b_enc_F: torch.Tensor
+    sparse: bool
+
+    def codes(self, rows_E: torch.Tensor, idx_E: torch.Tensor) -> Codes:
+        """f = ReLU(pre) kept at the given entries (sorted by row), zero elsewhere."""
+        if self.sparse:
+            pre_E = _SelectedPreActs.apply(self.pre_BF[rows_E, idx_E], self.sae_in_BD, self.W_enc_DF,
+                                           self.b_enc_F, rows_E, idx_E)
+        else:
+            pre_E = self.pre_BF[rows_E, idx_E]
+        vals_E = pre_E.relu()
+        latents_BF = self.pre_BF.new_zeros(self.pre_BF.shape, dtype=vals_E.dtype).index_put((rows_E, idx_E), vals_E)
+        return Codes(latents_BF, rows_E, idx_E, vals_E, self.sparse)
+
+    def topk_codes(self, k: int, exclude_F: torch.Tensor | None = None) -> Codes:
+        """Each row's k largest pre-activations (among latents not excluded), ReLU'd."""
+        pre = self.pre_BF.detach()
+        if exclude_F is not None:
+            pre = pre.masked_fill(exclude_F, float("-inf"))
+        idx_BK = pre.topk(k, dim=-1, sorted=False).indices
+        rows_E = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+        return self.codes(rows_E, idx_BK.flatten())
+
+    def mask_codes(self, keep_BF: torch.Tensor) -> Codes:
+        """f = ReLU(pre) where keep_BF (e.g. BatchTopK's selection)."""
+        rows_E, idx_E = keep_BF.nonzero(as_tuple=True)
+        return self.codes(rows_E, idx_E)
 
 
 # ---------------------------------------------------------------- decoder constraint (TRAINERS.md)

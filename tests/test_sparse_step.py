@@ -1,0 +1,82 @@
+"""The sparse TopK step (embedding-bag decoder, encoder backward on the selected latents) against the dense
+step: the same loss, gradients and, after several optimizer steps, weights, for every TopK-family trainer."""
+import pytest
+import torch
+
+from tests.helpers import tiny_run_config
+from trainers import make_trainer
+
+SETTINGS = {
+    "topk": {"name": "topk"},
+    "batchtopk": {"name": "batchtopk", "threshold_start_step": 0},
+    "matryoshka": {"name": "matryoshka", "group_fractions": [0.25, 0.25, 0.5]},
+    "momentum": {"name": "momentum", "base": "topk", "lambda2": 0.5},
+    "progressive": {"name": "progressive", "lambda2_max": 0.5, "theta0": 0.2},
+    "c2r": {"name": "c2r", "base": "topk", "lam": 1.0},
+    "c2r_batchtopk": {"name": "c2r", "base": "batchtopk", "lam": 1.0},
+    "ortsae": {"name": "ortsae", "gamma": 1.0},
+}
+
+
+def pair(name, compute_dtype="float32", d=16, n=64, B=64):
+    cfg = tiny_run_config(k=4, k_aux=6, warmup_steps=0, **SETTINGS[name])
+    acts = torch.randn(4 * B, d, generator=torch.Generator().manual_seed(1))
+    made = [make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=50, total_tokens=50 * B, init_acts_BD=acts,
+                         seed=0, compute_dtype=compute_dtype, sparse_step=mode) for mode in ("off", "on")]
+    for tr in made:  # latents 0..9 dead, so AuxK takes part
+        tr.tokens_since_fired_F[:10] = 10**9
+    return made, [acts[i * B:(i + 1) * B] for i in range(4)]
+
+
+def grads(trainer, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.autocast):
+        out = trainer.loss(x, 0.1)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    return out, [p.grad.clone() for p in trainer.params]
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_sparse_step_equals_dense(name):
+    (dense, sparse), batches = pair(name)
+    assert not dense.sparse_step and sparse.sparse_step
+    out_d, g_d = grads(dense, batches[0])
+    out_s, g_s = grads(sparse, batches[0])
+    torch.testing.assert_close(out_s.loss, out_d.loss, rtol=1e-5, atol=1e-6)
+    assert out_d.parts["auxk"] > 0  # the dead latents' path is exercised
+    for key in out_d.parts:
+        torch.testing.assert_close(out_s.parts[key], out_d.parts[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_s.latents_BF, out_d.latents_BF)
+    for gs, gd in zip(g_s, g_d):
+        torch.testing.assert_close(gs, gd, rtol=1e-4, atol=1e-6)
+    for step in range(6):  # whole steps: optimizer, decoder constraint, dead counts, threshold EMA
+        for tr in (dense, sparse):
+            tr.step(batches[step % 4])
+    for (key, pd), ps in zip(dense.sae.state_dict().items(), sparse.sae.state_dict().values()):
+        torch.testing.assert_close(ps, pd, rtol=1e-4, atol=1e-5, msg=key)
+    assert torch.equal(dense.tokens_since_fired_F, sparse.tokens_since_fired_F)
+
+
+@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+def test_sparse_step_in_bfloat16_is_as_close_to_float32_as_the_dense_step(name):
+    """Under bf16 autocast both steps round; the sparse one (float32 accumulation in its bags and
+    index_adds) may not stray further from the float32 gradients than the dense one does."""
+    (ref, _), batches = pair(name, "float32")
+    _, g_ref = grads(ref, batches[0])
+    (dense16, sparse16), _ = pair(name, "bfloat16")
+    _, g_d = grads(dense16, batches[0])
+    _, g_s = grads(sparse16, batches[0])
+    for gr, gd, gs in zip(g_ref, g_d, g_s):
+        err_d, err_s = ((gd - gr).norm() / gr.norm()).item(), ((gs - gr).norm() / gr.norm()).item()
+        assert err_s <= max(1.5 * err_d, 1e-3), (err_s, err_d)
+
+
+def test_auto_picks_by_measured_rule():
+    from workbench.sae_ops import sparse_step_wanted
+    assert not sparse_step_wanted("auto", 2048, "bfloat16")  # quickstart: dense measured faster
+    assert sparse_step_wanted("auto", 16384, "bfloat16") and sparse_step_wanted("auto", 2048, "float32")
+    assert not sparse_step_wanted("off", 16384, "float32") and sparse_step_wanted("on", 2048, "bfloat16")
+    cfg = tiny_run_config(name="relu")
+    relu = make_trainer(cfg.trainer, d_in=8, d_sae=16, total_steps=5, total_tokens=160,
+                        init_acts_BD=torch.randn(8, 8), seed=0, sparse_step="on")
+    assert not relu.sparse_step  # ReLU codes are not a selection: always dense
