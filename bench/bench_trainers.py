@@ -1,8 +1,8 @@
-"""Training-step time of every trainer against topk, float32 and bfloat16 autocast, side by side.
+"""Training-step time of every trainer, dense and sparse step side by side, and each against topk.
 
-    python bench/bench_trainers.py [--steps 10] [--sizes cpu|gpu|all]
+    python bench/bench_trainers.py [--steps 5] [--sizes quickstart gemma2] [--dtype bfloat16|float32]
 
-CPU size (d=640, n=4096, B=2048); GPU size (d=2304, n=16384, B=2048) when CUDA is present.
+Sizes: the quickstart's SAE (640 x 2048, B 1024, k 32) and Gemma-2-2B's (2304 x 16384; see SIZES).
 Activations are synthetic but structured (sparse codes over a random dictionary plus noise), so the
 co-firing pattern, and with it the competition cost, resembles real SAE training.
 """
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evals  # noqa: E402,F401  (registers the evals with the config loader)
 from trainers import make_trainer  # noqa: E402
 from workbench.config import config_from_dict  # noqa: E402
+from workbench.sae_ops import sparse_step_wanted  # noqa: E402
 
 TRAINER_SETTINGS = {
     "topk": {"name": "topk"},
@@ -33,6 +34,10 @@ TRAINER_SETTINGS = {
     "c2r_bf16search": {"name": "c2r", "base": "topk", "lam": 1.0, "search_dtype": "bfloat16"},
 }
 NO_K = {"jumprelu"}  # sparsity set by its L0 penalty (init_l0 = k), not a k key
+# (d, n, B, k) per device: the quickstart's SAE, and Gemma-2-2B's (2304 x 16384; B 4096 and k 64 / 320 on a
+# GPU, B 1024 and k 64 on a CPU, where a B-4096 dense step takes seconds)
+SIZES = {"quickstart": {"cpu": [(640, 2048, 1024, 32)], "cuda": [(640, 2048, 1024, 32)]},
+         "gemma2": {"cpu": [(2304, 16384, 1024, 64)], "cuda": [(2304, 16384, 4096, 64), (2304, 16384, 4096, 320)]}}
 
 
 def synthetic_acts(n_tokens: int, d: int, device, seed=0) -> torch.Tensor:
@@ -46,55 +51,87 @@ def synthetic_acts(n_tokens: int, d: int, device, seed=0) -> torch.Tensor:
     return x.to(device)
 
 
-def time_steps(name: str, d: int, n: int, B: int, k: int, steps: int, device,
-               compute_dtype: str = "float32") -> tuple[float, dict]:
+def make(name: str, d: int, n: int, B: int, k: int, device, compute_dtype: str, sparse_step: str):
     cfg = config_from_dict({"model": {"name": "gemma-3-270m", "hook": "blocks.6.hook_resid_post"},
-                            "data": {"dataset": "embedded", "train_tokens": B * (steps + 5)},
+                            "data": {"dataset": "embedded", "train_tokens": B * 20},
                             "sae": {"d_sae": n, "batch_size": B},
                             "trainer": {**TRAINER_SETTINGS[name], "warmup_steps": 0,
                                         **({"init_l0": float(k)} if name in NO_K else {"k": k})}})
     acts = synthetic_acts(B * 4, d, device)
-    trainer = make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=1000, total_tokens=1000 * B,
-                           init_acts_BD=acts[:B], seed=0, device=device, compute_dtype=compute_dtype)
+    return make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=1000, total_tokens=1000 * B, init_acts_BD=acts[:B],
+                        seed=0, device=device, compute_dtype=compute_dtype, sparse_step=sparse_step), acts
+
+
+def time_interleaved(trainers: list, acts: torch.Tensor, B: int, steps: int) -> tuple[list[float], list[dict]]:
+    """Median step time of each trainer, their steps taken in turn (round r steps every trainer once), so
+    the load of this machine's neighbours falls on all of them alike."""
+    sync = torch.cuda.synchronize if acts.device.type == "cuda" else (lambda: None)
     batches = [acts[i * B:(i + 1) * B] for i in range(4)]
-    for s in range(3):  # warm up allocator, kernels and the co-firing pattern
-        trainer.step(batches[s % 4])
+    times = [[] for _ in trainers]
+    for r in range(steps + 2):  # two warm-up rounds: allocator, kernels, the co-firing pattern
+        for t, trainer in enumerate(trainers):
+            sync()
+            start = time.perf_counter()
+            out = trainer.step(batches[r % 4])
+            sync()
+            if r >= 2:
+                times[t].append(time.perf_counter() - start)
+            trainer.last_stats = out.stats
+    stats = [{k: v() if callable(v) else v for k, v in tr.last_stats.items()} for tr in trainers]
+    return [sorted(ts)[len(ts) // 2] for ts in times], stats
+
+
+def matmul_gflops(device, dtype, size=2048) -> float:
+    """The measured rate of one large matmul in the step's dtype: the roof the step is compared to."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ a
     sync()
     start = time.perf_counter()
-    for s in range(steps):
-        out = trainer.step(batches[s % 4])
+    for _ in range(5):
+        a @ a
     sync()
-    return (time.perf_counter() - start) / steps, out.stats
+    return 5 * 2 * size**3 / (time.perf_counter() - start) / 1e9
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--sizes", default="all", choices=["quickstart", "cpu", "gpu", "all"])
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--sizes", nargs="+", default=["quickstart", "gemma2"], choices=list(SIZES))
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="sae.compute_dtype")
     p.add_argument("--trainers", nargs="+", default=list(TRAINER_SETTINGS), choices=list(TRAINER_SETTINGS),
                    help="which trainers (topk, the reference for the ratios, always runs first)")
     args = p.parse_args(argv)
-    sizes = []
-    if args.sizes in ("quickstart", "all"):  # run_configs/quickstart.toml's SAE
-        sizes.append(("quickstart", torch.device("cpu"), 640, 2048, 1024, 32))
-    if args.sizes in ("cpu", "all"):
-        sizes.append(("cpu", torch.device("cpu"), 640, 4096, 2048, 32))
-    if args.sizes in ("gpu", "all"):
-        if torch.cuda.is_available():
-            sizes.append(("gpu", torch.device("cuda"), 2304, 16384, 2048, 320))
-        else:
-            print("gpu size skipped: no CUDA device")
-    for label, device, d, n, B, k in sizes:
-        print(f"\n[{label}] d={d} n={n} B={B} k={k} device={device} threads={torch.get_num_threads()}")
-        base = None
-        for name in ["topk"] + [t for t in args.trainers if t != "topk"]:
-            sec, stats = time_steps(name, d, n, B, k, args.steps, device)
-            sec16, _ = time_steps(name, d, n, B, k, args.steps, device, compute_dtype="bfloat16")
-            base = base or sec
-            extra = f"  co-firing pairs {stats['cofiring_pairs']:,}" if "cofiring_pairs" in stats else ""
-            print(f"  {name:12s} float32 {sec * 1000:8.1f} ms/step {B / sec:8.0f} tok/s {sec / base:5.2f}x topk | "
-                  f"bfloat16 autocast {sec16 * 1000:8.1f} ms/step {B / sec16:8.0f} tok/s {sec / sec16:5.2f}x faster{extra}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    roof = matmul_gflops(device, getattr(torch, args.dtype))
+    print(f"device={device} threads={torch.get_num_threads()} dtype={args.dtype}: "
+          f"matmul roof {roof:.0f} GFLOP/s (2048^3)")
+    for size in args.sizes:
+        for d, n, B, k in SIZES[size][device.type]:
+            print(f"\n[{size}] d={d} n={n} B={B} k={k}   (ms per step; sparse = sae.sparse_step on; "
+                  f"auto = what sae.sparse_step=auto runs; ratio = auto / topk's auto)")
+            auto = sparse_step_wanted("auto", n, args.dtype)
+            for name in ["topk"] + [t for t in args.trainers if t != "topk"]:
+                modes = ["off", "on"] if make(name, 8, 16, 8, 2, device, args.dtype, "on")[0].sparse_codes else ["off"]
+                made = [make(name, d, n, B, k, device, args.dtype, m) for m in modes]
+                reference = [make("topk", d, n, B, k, device, args.dtype, "auto")[0]] if name != "topk" else []
+                secs, stats = time_interleaved([tr for tr, _ in made] + reference, made[0][1], B, args.steps)
+                dense_s = secs[0]
+                line = f"  {name:18s} dense {dense_s * 1000:8.1f}"
+                auto_s = dense_s
+                if len(modes) == 2:
+                    sparse_s = secs[1]
+                    auto_s = sparse_s if auto else dense_s
+                    line += f"  sparse {sparse_s * 1000:8.1f} ({dense_s / sparse_s:4.2f}x)  auto={'sparse' if auto else 'dense '}"
+                else:
+                    line += " " * 41
+                topk_s = secs[-1] if reference else auto_s
+                line += f"  {B / auto_s:8.0f} tok/s  {auto_s / topk_s:5.2f}x topk"
+                if name == "topk":  # the step's useful work: encoder forward + dense-equivalent decoder and backward
+                    line += f"  ({6 * B * d * n / auto_s / 1e9:.0f} GFLOP/s dense-equivalent, {6 * B * d * n / auto_s / 1e9 / roof:.0%} of roof)"
+                if "cofiring_pairs" in stats[0]:
+                    line += f"  co-firing pairs {stats[0]['cofiring_pairs']:,}"
+                print(line, flush=True)
     return 0
 
 

@@ -60,23 +60,38 @@ def test_cofiring_pairs_match_dense(seed, method, monkeypatch):
     torch.testing.assert_close(pairs.counts.double(), (M.T @ M)[pairs.i, pairs.j])
 
 
-@pytest.mark.parametrize("base", ["relu", "topk"])
+def stat(value):
+    return value() if callable(value) else value  # a stat that costs work is a callable, read when logged
+
+
+def dense_n_pairs(latents):
+    M = (latents > 0).double()
+    return int(torch.triu(M.T @ M, diagonal=1).count_nonzero())
+
+
+# "pairs": the pair list (any base); "tokens": per-token co-firing from the TopK codes (the topk base's path)
+PATHS = [("relu", "pairs"), ("topk", "pairs"), ("topk", "tokens")]
+
+
+@pytest.mark.parametrize("base,path", PATHS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_momentum_matches_dense_reference(seed, base):
+def test_momentum_matches_dense_reference(seed, base, path):
     beta, tau, lam = 0.8, 0.7, 0.3
     tr, acts = make("momentum", seed, base=base, beta=beta, tau=tau, lambda2=lam, l1_coeff=0.1, l1_warmup_frac=0.0)
     m_ref = torch.zeros(N, dtype=torch.float64)
     for step in range(3):
         W_ref = tr.sae.W_dec.detach().clone().double().requires_grad_(True)
-        _, base_loss, latents, _ = tr.base_loss(acts, step / 20)
+        _, base_loss, latents, _, codes = tr.base_loss(acts, step / 20)
         c = dense_overlap(latents.detach())
         m_ref = beta * m_ref + (1 - beta) * c.sum(1)
         w = 1.0 + (m_ref > tau).double()
         pen = lam * ((w[:, None] + w[None, :]) * c * dense_s(W_ref)).sum() / N
         pen.backward()
         m_before = tr.momentum_F.clone()
-        value, stats = tr.penalty(latents, step / 20)  # the fast penalty alone: value, gradient, state
+        value, stats = tr.penalty(latents, step / 20, codes if path == "tokens" else None)  # the penalty alone
+        assert (tr.token_pairs(codes) is not None) == (base == "topk")
         torch.testing.assert_close(value.double(), pen.detach(), rtol=1e-5, atol=1e-7)
+        assert stat(stats["cofiring_pairs"]) == dense_n_pairs(latents)
         (g_fast,) = torch.autograd.grad(value, tr.sae.W_dec)
         torch.testing.assert_close(g_fast.double(), W_ref.grad, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(tr.momentum_F.double(), m_ref, rtol=1e-5, atol=1e-6)
@@ -85,17 +100,18 @@ def test_momentum_matches_dense_reference(seed, base):
         out = tr.step(acts)  # the real step: its loss is the base loss plus the same penalty
         torch.testing.assert_close(out.loss.double(), base_loss.double() + pen.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(tr.momentum_F.double(), m_ref, rtol=1e-5, atol=1e-6)
-    assert out.stats["cofiring_pairs"] > 0 and out.parts["competition"] > 0
+    assert stat(out.stats["cofiring_pairs"]) > 0 and out.parts["competition"] > 0
 
 
+@pytest.mark.parametrize("path", ["pairs", "tokens"])
 @pytest.mark.parametrize("schedule", ["progressive", "static"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_progressive_matches_dense_reference(seed, schedule):
+def test_progressive_matches_dense_reference(seed, schedule, path):
     theta0, lam_max, gamma = 0.4, 0.5, 2.0
     tr, acts = make("progressive", seed, theta0=theta0, lambda2_max=lam_max, gamma=gamma, schedule=schedule)
     for p in (0.0, 0.3, 0.9, 1.0):
         W_ref = tr.sae.W_dec.detach().clone().double().requires_grad_(True)
-        _, base_loss, latents, _ = tr.base_loss(acts, p)
+        _, base_loss, latents, _, codes = tr.base_loss(acts, p)
         thr = theta0 if schedule == "static" else max(theta0 * (1 - p), 1e-3)
         lam = lam_max if schedule == "static" else lam_max * (1 - p) ** gamma
         assert schedule_at(tr.cfg, p) == pytest.approx((thr, lam))
@@ -104,24 +120,28 @@ def test_progressive_matches_dense_reference(seed, schedule):
         c.fill_diagonal_(0)
         pen = lam * (c * dense_s(W_ref)).sum() / N
         pen.backward()
-        value, stats = tr.penalty(latents, p)
+        value, stats = tr.penalty(latents, p, codes if path == "tokens" else None)
         torch.testing.assert_close(value.double(), pen.detach(), rtol=1e-5, atol=1e-7)
         (g_fast,) = torch.autograd.grad(value, tr.sae.W_dec)
         torch.testing.assert_close(g_fast.double(), W_ref.grad, rtol=1e-4, atol=1e-7)
         assert stats["pairs_c_pos"] == int((c > 0).sum().item() // 2)
+        assert stat(stats["cofiring_pairs"]) == dense_n_pairs(latents)
+        if stats["pairs_c_pos"]:
+            assert stats["mean_c"] == pytest.approx(c[c > 0].mean().item(), rel=1e-5)
         out = tr.loss(acts, p)
         torch.testing.assert_close(out.loss.double(), base_loss.double() + pen.detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["pairs", "tokens"])
 @pytest.mark.parametrize("normalize,tau", [("mean", 0.3), ("quantile", 0.8)])
-def test_momentum_normalizations_match_dense_reference(normalize, tau):
+def test_momentum_normalizations_match_dense_reference(normalize, tau, path):
     """TRAINERS.md section 6: m from the mean overlap over co-firing partners, or w = 2 above a quantile."""
     beta, lam = 0.8, 0.3
     tr, acts = make("momentum", 3, base="topk", beta=beta, tau=tau, lambda2=lam, normalize=normalize)
     m_ref = torch.zeros(N, dtype=torch.float64)
     for step in range(3):
         W_ref = tr.sae.W_dec.detach().clone().double().requires_grad_(True)
-        _, _, latents, _ = tr.base_loss(acts, step / 20)
+        _, _, latents, _, codes = tr.base_loss(acts, step / 20)
         c = dense_overlap(latents.detach())
         partners = (c > 0).double().sum(1) if normalize == "mean" else None
         signal = c.sum(1) / partners.clamp_min(1) if normalize == "mean" else c.sum(1)
@@ -129,7 +149,7 @@ def test_momentum_normalizations_match_dense_reference(normalize, tau):
         cut = torch.quantile(m_ref, tau) if normalize == "quantile" else tau
         w = 1.0 + (m_ref > cut).double()
         pen = lam * ((w[:, None] + w[None, :]) * c * dense_s(W_ref)).sum() / N
-        value, stats = tr.penalty(latents, step / 20)
+        value, stats = tr.penalty(latents, step / 20, codes if path == "tokens" else None)
         torch.testing.assert_close(value.double(), pen.detach(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(tr.momentum_F.double(), m_ref, rtol=1e-5, atol=1e-6)
         assert stats["frac_w2"] == pytest.approx((w > 1).double().mean().item())
@@ -145,7 +165,7 @@ def test_training_steps_match_dense_reference_weights():
     ref, _ = make("momentum", 5, base="topk", beta=0.9, tau=0.2, lambda2=0.5)
 
     def dense_loss(acts_BD, progress):
-        parts, base, latents, recon = ref.base_loss(acts, progress)
+        parts, base, latents, recon, _ = ref.base_loss(acts, progress)
         c = dense_overlap(latents.detach()).float()
         with torch.no_grad():
             ref.momentum_F.mul_(0.9).add_(0.1 * c.sum(1))
@@ -173,3 +193,25 @@ def test_progressive_snapshots_and_max_cosine():
     assert all(sum(s["counts"]) == s["n_pairs"] for s in snaps)
     W = tr.sae.W_dec.detach()
     torch.testing.assert_close(max_abs_cosine_F(W, chunk=7), dense_s(W).max(1).values)
+
+
+def test_token_path_chunks_and_large_n_counting_agree(monkeypatch):
+    """The per-token penalty in several token chunks, and occurrence counts by sort (the path for n^2 above
+    the count table), give the same value, gradient and statistics as one chunk and one bincount."""
+    import trainers.competition as comp
+
+    tr, acts = make("progressive", 4, theta0=0.3, lambda2_max=0.5)
+    _, _, latents, _, codes = tr.base_loss(acts, 0.2)
+
+    def run():
+        value, stats = tr.penalty(latents, 0.2, codes)
+        (grad,) = torch.autograd.grad(value, tr.sae.W_dec)
+        return value.detach(), grad, stat(stats["cofiring_pairs"]), stats["pairs_c_pos"], stats["mean_c"]
+
+    one = run()
+    monkeypatch.setattr(comp, "TOKEN_CHUNK_ELEMENTS", 5 * 6 * D)  # 5 tokens per chunk
+    monkeypatch.setattr(comp, "COUNT_TABLE_MAX", 0)
+    other = run()
+    torch.testing.assert_close(other[0], one[0])
+    torch.testing.assert_close(other[1], one[1])
+    assert other[2:] == pytest.approx(one[2:]) and one[2] == dense_n_pairs(latents)

@@ -72,7 +72,8 @@ class Trainer:
         self.lr = cfg.lr or default_lr(d_sae)
         # the SAE's parameters first (their order fixes Adam's state layout), then any the trainer adds
         self.params = [*self.sae.parameters(), *self.extra_parameters(init_acts_BD.to(device))]
-        self.optimizer = torch.optim.Adam(self.params, lr=self.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        # fused: one kernel per parameter instead of ~10 elementwise passes (CPU and CUDA; same update)
+        self.optimizer = torch.optim.Adam(self.params, lr=self.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
         warmup = min(cfg.warmup_steps, int(cfg.warmup_max_frac * total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.decay_frac))

@@ -144,6 +144,136 @@ class _WeightedAbsCosine(torch.autograd.Function):
         return grad_out * (upper @ W_dec + lower @ W_dec), None, None, None
 
 
+# ---------------------------------------------------------------- per token (TopK codes, k entries per token)
+# C_ij counts the tokens where i and j both fire, so a sum over co-firing pairs of g_ij equals the sum over
+# co-firing occurrences (token b, entries r != s) of g_ij / C_ij: nothing needs deduplicating, and the pairs'
+# decoder dots come as one batched (k x D) @ (D x k) product per token, denser work than the pair list's
+# gathers. Chosen while the occurrences (B k^2 / 2) are fewer than the possible pairs (n^2 / 2).
+
+TOKEN_CHUNK_ELEMENTS = 1 << 24  # tokens per chunk * k * D bound the gathered decoder rows (64 MB in float32)
+COUNT_TABLE_MAX = 1 << 24       # n^2 up to this: occurrence counts by one bincount over all i*n+j keys
+
+
+@dataclass
+class TokenPairs:
+    """Co-firing occurrences of one batch of TopK codes: entry r of token b is latent idx_Bk[b, r]."""
+    idx_Bk: torch.Tensor
+    both_Bkk: torch.Tensor       # entries r != s of token b both fire
+    min_fires_Bkk: torch.Tensor  # min(a_i, a_j) of the pair at (b, r, s) (1 where not both)
+    fires_F: torch.Tensor
+    _counts: torch.Tensor | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_codes(cls, idx_Bk: torch.Tensor, active_Bk: torch.Tensor, n: int) -> "TokenPairs":
+        fires_F = torch.zeros(n, dtype=torch.long, device=idx_Bk.device).index_add_(
+            0, idx_Bk.flatten(), active_Bk.flatten().long())
+        k = idx_Bk.shape[1]
+        both = active_Bk[:, :, None] & active_Bk[:, None, :] & ~torch.eye(k, dtype=torch.bool, device=idx_Bk.device)
+        a_Bk = fires_F[idx_Bk].float()
+        min_fires = torch.where(both, torch.minimum(a_Bk[:, :, None], a_Bk[:, None, :]), 1.0)
+        return cls(idx_Bk, both, min_fires, fires_F)
+
+    @property
+    def occurrences(self) -> int:
+        return int(self.both_Bkk.sum()) // 2
+
+    @torch.no_grad()
+    def counts_Bkk(self) -> torch.Tensor:
+        """C_ij at every occurrence (1 where not both), float."""
+        if self._counts is None:
+            n = self.fires_F.shape[0]
+            i, j = self.idx_Bk[:, :, None], self.idx_Bk[:, None, :]
+            keys = (torch.minimum(i, j) * n + torch.maximum(i, j))[self.both_Bkk]
+            if n * n <= COUNT_TABLE_MAX:
+                per_key = torch.bincount(keys, minlength=n * n)[keys]
+            else:
+                _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+                per_key = counts[inverse]
+            # keys hold both orders (r, s) and (s, r) of every occurrence: 2 C_ij each
+            self._counts = torch.ones_like(self.min_fires_Bkk).masked_scatter_(self.both_Bkk, per_key.float() / 2)
+        return self._counts
+
+    def n_pairs(self) -> int:
+        """Distinct co-firing pairs: each has C_ij occurrences, each counted twice (r, s and s, r)."""
+        return round(0.5 * (self.both_Bkk / self.counts_Bkk()).sum().item())
+
+    def per_latent_sum(self, values_Bkk: torch.Tensor) -> torch.Tensor:
+        """sum_{j != i} v_ij over occurrences, for each latent i (zero where not both)."""
+        n = self.fires_F.shape[0]
+        rows_Bk = torch.where(self.both_Bkk, values_Bkk, 0.0).sum(-1)
+        return torch.zeros(n, dtype=rows_Bk.dtype, device=rows_Bk.device).index_add_(0, self.idx_Bk.flatten(),
+                                                                                     rows_Bk.flatten())
+
+
+class _TokenPairAbsCosine(torch.autograd.Function):
+    """sum_b sum_{r != s} omega_brs |d_{idx_br} . d_{idx_bs}| in token chunks; the backward recomputes each
+    chunk's dots (memory: one chunk of gathered rows, never B k D), d/dD_b = 2 (omega_b * sign(S_b)) D_b."""
+
+    @staticmethod
+    def _chunks(B: int, k: int, d: int):
+        step = max(1, TOKEN_CHUNK_ELEMENTS // (k * d))
+        return [(s, min(B, s + step)) for s in range(0, B, step)]
+
+    @staticmethod
+    def forward(ctx, W_dec, idx_Bk, omega_Bkk, dtype):
+        ctx.save_for_backward(W_dec, idx_Bk, omega_Bkk)
+        ctx.dtype = dtype
+        W = W_dec.to(dtype)
+        total = W_dec.new_zeros((), dtype=torch.float32)
+        for lo, hi in _TokenPairAbsCosine._chunks(*idx_Bk.shape, W.shape[1]):
+            rows = W.index_select(0, idx_Bk[lo:hi].flatten()).view(hi - lo, -1, W.shape[1])  # (faster than W[idx])
+            total += (omega_Bkk[lo:hi] * torch.bmm(rows, rows.transpose(1, 2)).float().abs()).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        W_dec, idx_Bk, omega_Bkk = ctx.saved_tensors
+        W = W_dec.to(ctx.dtype)
+        grad = torch.zeros_like(W_dec)
+        for lo, hi in _TokenPairAbsCosine._chunks(*idx_Bk.shape, W.shape[1]):
+            rows = W.index_select(0, idx_Bk[lo:hi].flatten()).view(hi - lo, -1, W.shape[1])  # (faster than W[idx])
+            dS = (omega_Bkk[lo:hi] * torch.bmm(rows, rows.transpose(1, 2)).float().sign()).to(ctx.dtype)
+            grad.index_add_(0, idx_Bk[lo:hi].flatten(), (2 * torch.bmm(dS, rows)).flatten(0, 1).to(grad.dtype))
+        return grad_out * grad, None, None, None
+
+
+class _GramAbsCosine(torch.autograd.Function):
+    """sum_ij K_ij |d_i . d_j| for a dense symmetric K (n x n): the full Gram W W^T, which beats gathering
+    rows per token when n^2 is small next to B k^2 (the quickstart: 2048^2 vs 1024 * 32^2; bench_trainers)."""
+
+    @staticmethod
+    def forward(ctx, W_dec, K_FF, dtype):
+        W = W_dec.to(dtype)
+        G_FF = (W @ W.T).float()
+        KS_FF = K_FF.mul_(G_FF.sign())  # K is this call's own: reused in place
+        ctx.save_for_backward(W_dec, KS_FF)
+        ctx.dtype = dtype
+        return torch.dot(KS_FF.flatten(), G_FF.flatten())  # sum K |G| in one pass
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        W_dec, KS_FF = ctx.saved_tensors
+        grad = 2 * (KS_FF.to(ctx.dtype) @ W_dec.to(ctx.dtype))  # K sign(G) is symmetric
+        return grad_out * grad.to(W_dec.dtype), None, None
+
+
+GRAM_MAX_LATENTS = 8192  # the Gram path's n x n float32 matrices stay under 256 MB each
+
+
+def token_pair_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(1/n) sum_{i != j} coef_ij s_ij, given omega = coef_ij / C_ij at every occurrence (0 where not both):
+    through the full Gram while n^2 <= 4 B k^2 (and n <= GRAM_MAX_LATENTS), else per token."""
+    B, k = pairs.idx_Bk.shape
+    if n <= GRAM_MAX_LATENTS and n * n <= 4 * B * k * k:
+        i, j = pairs.idx_Bk[:, :, None].expand(B, k, k), pairs.idx_Bk[:, None, :].expand(B, k, k)
+        K_FF = torch.zeros(n * n, dtype=torch.float32, device=W_dec.device).index_add_(
+            0, (i * n + j).flatten(), omega_Bkk.float().flatten()).view(n, n)  # = coef_ij (sum over occurrences)
+        return _GramAbsCosine.apply(W_dec, K_FF, dtype) / n
+    return _TokenPairAbsCosine.apply(W_dec, pairs.idx_Bk, omega_Bkk.float(), dtype) / n
+
+
 def competition_penalty(W_dec: torch.Tensor, pairs: CoFiring, coef_P: torch.Tensor, n: int):
     """(1/n) sum_{i != j} coef_ij s_ij = (2/n) sum_{i<j} coef_ij |d_i . d_j|, and the pairs' s_ij."""
     keep = coef_P > 0
@@ -174,6 +304,7 @@ from trainers.relu import ReLUConfig, relu_loss_parts  # noqa: E402
 from trainers.topk import TopKConfig, topk_loss_parts  # noqa: E402
 from workbench import distributed  # noqa: E402
 from workbench.config import configclass, param  # noqa: E402
+from workbench.sae_ops import Codes  # noqa: E402
 
 
 @configclass
@@ -199,16 +330,33 @@ class CompetitionTrainer(Trainer):
         super().__init__(cfg, **kw)
 
     def base_loss(self, acts_BD: torch.Tensor, progress: float):
+        """(parts, loss, latents, x_hat, TopK codes or None)."""
         if self.cfg.base == "topk":
-            return topk_loss_parts(self, acts_BD)
-        return relu_loss_parts(self, acts_BD, progress)
+            parts, loss, codes, recon_BD = topk_loss_parts(self, acts_BD)
+            return parts, loss, codes.latents_BF, recon_BD, codes
+        return (*relu_loss_parts(self, acts_BD, progress), None)
 
-    def penalty(self, latents_BF: torch.Tensor, progress: float) -> tuple[torch.Tensor, dict]:
+    def penalty(self, latents_BF: torch.Tensor, progress: float,
+                codes: Codes | None = None) -> tuple[torch.Tensor, dict]:
+        """The penalty and its statistics, from the pair list, or per token when `token_pairs` gives them."""
         raise NotImplementedError
 
+    def token_pairs(self, codes: Codes | None) -> TokenPairs | None:
+        """Per-token co-firing for TopK codes (one process; while B k^2 / 2 <= n^2 / 2), else None."""
+        if codes is None or distributed.ctx().data_parallel:
+            return None
+        B, n = codes.latents_BF.shape
+        k = codes.idx_E.numel() // B
+        if k * B != codes.idx_E.numel() or B * k * k > n * n:
+            return None
+        return TokenPairs.from_codes(codes.idx_E.view(B, k), codes.vals_E.detach().view(B, k) > 0, n)
+
+    def penalty_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.autocast else torch.float32
+
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
-        parts, base, latents_BF, recon_BD = self.base_loss(acts_BD, progress)
-        penalty, stats = self.penalty(global_active(latents_BF), progress)
+        parts, base, latents_BF, recon_BD, codes = self.base_loss(acts_BD, progress)
+        penalty, stats = self.penalty(global_active(latents_BF), progress, codes)
         loss = base + penalty  # the penalty is the same on every rank under torchrun (global pairs)
         parts["competition"] = penalty.detach()
         total = distributed.all_mean(loss.detach())

@@ -21,7 +21,7 @@ import torch
 
 from trainers.base import register
 from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
-                                  per_latent_sum)
+                                  per_latent_sum, token_pair_penalty)
 from workbench.config import ConfigError, configclass, param
 
 
@@ -50,21 +50,35 @@ class MomentumTrainer(CompetitionTrainer):
         super().__init__(cfg, **kw)
         self.momentum_F = torch.zeros(self.sae.d_sae, device=self.sae.W_dec.device)
 
-    def penalty(self, latents_BF, progress):
+    def penalty(self, latents_BF, progress, codes=None):
         cfg, n = self.cfg, self.sae.d_sae
-        pairs = cofiring_pairs(latents_BF)
-        c_P = pairs.overlap
+        tokens = self.token_pairs(codes)
         with torch.no_grad():
-            signal_F = per_latent_sum(pairs, c_P, n)
-            if cfg.normalize == "mean":
-                signal_F = signal_F / per_latent_sum(pairs, torch.ones_like(c_P), n).clamp_min(1)
+            if tokens is not None:  # c_ij = C_ij / min(a_i, a_j): 1 / min(a_i, a_j) per occurrence
+                c_occ = tokens.both_Bkk / tokens.min_fires_Bkk
+                signal_F = tokens.per_latent_sum(c_occ)
+                if cfg.normalize == "mean":  # distinct partners: 1 / C_ij per occurrence
+                    signal_F = signal_F / tokens.per_latent_sum(1 / tokens.counts_Bkk()).round().clamp_min(1)
+            else:
+                pairs = cofiring_pairs(latents_BF)
+                c_P = pairs.overlap
+                signal_F = per_latent_sum(pairs, c_P, n)
+                if cfg.normalize == "mean":
+                    signal_F = signal_F / per_latent_sum(pairs, torch.ones_like(c_P), n).clamp_min(1)
             self.momentum_F.mul_(cfg.beta).add_((1 - cfg.beta) * signal_F)
             cut = self.momentum_F.float().quantile(cfg.tau) if cfg.normalize == "quantile" else cfg.tau
             w_F = 1.0 + (self.momentum_F > cut).float()
-        coef_P = (w_F[pairs.i] + w_F[pairs.j]) * c_P
-        value = cfg.lambda2 * competition_penalty(self.sae.W_dec, pairs, coef_P, n)
+        if tokens is not None:
+            w_Bk = w_F[tokens.idx_Bk]
+            omega = (w_Bk[:, :, None] + w_Bk[:, None, :]) * c_occ
+            value = cfg.lambda2 * token_pair_penalty(self.sae.W_dec, tokens, omega, n, self.penalty_dtype())
+            n_pairs = tokens.n_pairs  # counted only when logged (a dedup of the occurrences)
+        else:
+            coef_P = (w_F[pairs.i] + w_F[pairs.j]) * c_P
+            value = cfg.lambda2 * competition_penalty(self.sae.W_dec, pairs, coef_P, n)
+            n_pairs = pairs.n_pairs
         m = self.momentum_F
-        stats = {"cofiring_pairs": pairs.n_pairs, "frac_w2": (w_F > 1).float().mean().item(),
+        stats = {"cofiring_pairs": n_pairs, "frac_w2": (w_F > 1).float().mean().item(),
                  "momentum_mean": m.mean().item(), "momentum_p99": m.quantile(0.99).item(),
                  "momentum_max": m.max().item()}
         return value, stats

@@ -15,7 +15,7 @@ import torch
 
 from trainers.base import register
 from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
-                                  max_abs_cosine_F, pair_dots)
+                                  max_abs_cosine_F, pair_dots, token_pair_penalty)
 from workbench.config import configclass, param
 
 SNAPSHOTS = (0.25, 0.5, 0.75, 1.0)
@@ -47,17 +47,29 @@ class ProgressiveTrainer(CompetitionTrainer):
     def __init__(self, cfg: ProgressiveConfig, **kw):
         super().__init__(cfg, **kw)
         self.snapshots: list[dict] = []
-        self._last_pairs = None
+        self._last_latents = None  # the last batch's codes (the snapshot's co-firing pairs)
 
-    def penalty(self, latents_BF, progress):
+    def penalty(self, latents_BF, progress, codes=None):
         thr, lam = schedule_at(self.cfg, progress)
-        pairs = cofiring_pairs(latents_BF)
-        c_P = ((pairs.overlap - thr) / thr).clamp(0, 1)
-        value = lam * competition_penalty(self.sae.W_dec, pairs, c_P, self.sae.d_sae)
-        self._last_pairs = pairs
-        active = c_P > 0
-        stats = {"lambda2": lam, "threshold": thr, "cofiring_pairs": pairs.n_pairs,
-                 "pairs_c_pos": int(active.sum()), "mean_c": c_P[active].mean().item() if active.any() else 0.0}
+        n = self.sae.d_sae
+        self._last_latents = latents_BF.detach()
+        tokens = self.token_pairs(codes)
+        if tokens is not None:  # c_ij at every occurrence; the sums over pairs weigh each by 1 / C_ij
+            with torch.no_grad():
+                per_pair = tokens.both_Bkk / tokens.counts_Bkk()
+                c_occ = torch.where(tokens.both_Bkk, ((tokens.counts_Bkk() / tokens.min_fires_Bkk - thr) / thr).clamp(0, 1), 0.0)
+            value = lam * token_pair_penalty(self.sae.W_dec, tokens, c_occ * per_pair, n, self.penalty_dtype())
+            n_pairs, n_pos = tokens.n_pairs(), 0.5 * (per_pair * (c_occ > 0)).sum().item()
+            mean_c = 0.5 * (per_pair * c_occ).sum().item() / n_pos if n_pos > 0.5 else 0.0
+        else:
+            pairs = cofiring_pairs(latents_BF)
+            c_P = ((pairs.overlap - thr) / thr).clamp(0, 1)
+            value = lam * competition_penalty(self.sae.W_dec, pairs, c_P, n)
+            active = c_P > 0
+            n_pairs, n_pos = pairs.n_pairs, active.sum().item()
+            mean_c = c_P[active].mean().item() if active.any() else 0.0
+        stats = {"lambda2": lam, "threshold": thr, "cofiring_pairs": n_pairs, "pairs_c_pos": round(n_pos),
+                 "mean_c": mean_c}
         return value, stats
 
     def step(self, acts_BD):
@@ -70,7 +82,7 @@ class ProgressiveTrainer(CompetitionTrainer):
     @torch.no_grad()
     def separation_snapshot(self, at: float) -> dict:
         """Histogram of s_ij over this batch's co-firing pairs, and mean over latents of max_j s_ij."""
-        pairs = self._last_pairs
+        pairs = cofiring_pairs(self._last_latents)
         s_P = pair_dots(self.sae.W_dec, pairs.i, pairs.j).abs().float().cpu()
         hist = torch.histc(s_P, bins=HIST_BINS, min=0.0, max=1.0)
         return {"progress": at, "step": self.step_count, "bin_edges": torch.linspace(0, 1, HIST_BINS + 1).tolist(),

@@ -53,7 +53,7 @@ def topk_loss_parts(trainer: Trainer, acts_BD: torch.Tensor):
     k_aux = cfg.k_aux or acts_BD.shape[1] // 2
     l_aux = auxk_loss((acts_BD - recon_BD).detach(), enc, trainer.dead_mask_F, k_aux, trainer.sae.W_dec)
     parts = {"recon": l_recon, "auxk": l_aux}
-    return parts, l_recon + cfg.auxk_alpha * l_aux, codes.latents_BF, recon_BD
+    return parts, l_recon + cfg.auxk_alpha * l_aux, codes, recon_BD
 
 
 @register
@@ -64,5 +64,5 @@ class TopKTrainer(Trainer):
     sparse_codes = True
 
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
-        parts, loss, latents_BF, recon_BD = topk_loss_parts(self, acts_BD)
-        return StepOutput(loss, parts, acts_BD, recon_BD, latents_BF)
+        parts, loss, codes, recon_BD = topk_loss_parts(self, acts_BD)
+        return StepOutput(loss, parts, acts_BD, recon_BD, codes.latents_BF)

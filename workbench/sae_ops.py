@@ -98,7 +98,8 @@ class _SelectedPreActs(torch.autograd.Function):
         g_E = g_E.float()
         grad_in = grad_W = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_in = bag_sum(rows_E, idx_E, g_E, W_enc_DF.T, B).to(sae_in_BD.dtype)
+            # the bag wants contiguous rows: a transposed view runs ~50x slower
+            grad_in = bag_sum(rows_E, idx_E, g_E, W_enc_DF.T.contiguous(), B).to(sae_in_BD.dtype)
         if ctx.needs_input_grad[2]:
             G_FB = torch.sparse_coo_tensor(torch.stack([idx_E, rows_E]), g_E, (n, B), check_invariants=False)
             grad_W = torch.sparse.mm(G_FB, sae_in_BD.float()).T.to(W_enc_DF.dtype)

@@ -27,7 +27,8 @@ class StepOutput:
     acts_BD: torch.Tensor
     recon_BD: torch.Tensor
     latents_BF: torch.Tensor
-    stats: dict[str, float] = field(default_factory=dict)  # trainer-specific statistics for the log
+    stats: dict = field(default_factory=dict)  # trainer-specific statistics for the log (a number, or a
+    # callable giving one: evaluated only on logged steps)
 
 
 class Trainer(Protocol):
@@ -61,7 +62,7 @@ def step_record(trainer: Trainer, out: StepOutput, step: int, tokens: int) -> di
            "l0": distributed.all_mean((out.latents_BF > 0).sum(-1).float().mean()).item(), "fvu": fvu.item(),
            "dead_frac": trainer.dead_mask_F.float().mean().item(),
            "lr": trainer.optimizer.param_groups[0]["lr"]}
-    rec.update(out.stats)
+    rec.update({k: v() if callable(v) else v for k, v in out.stats.items()})  # a callable: costly, logged steps only
     return rec
 
 
