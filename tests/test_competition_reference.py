@@ -195,9 +195,10 @@ def test_progressive_snapshots_and_max_cosine():
     torch.testing.assert_close(max_abs_cosine_F(W, chunk=7), dense_s(W).max(1).values)
 
 
-def test_token_path_chunks_and_large_n_counting_agree(monkeypatch):
-    """The per-token penalty in several token chunks, and occurrence counts by sort (the path for n^2 above
-    the count table), give the same value, gradient and statistics as one chunk and one bincount."""
+def test_token_path_kernels_and_large_n_counting_agree(monkeypatch):
+    """The per-token penalty's kernels (the full Gram at small n; gathered rows per token, in one or several
+    chunks) and occurrence counts by sort (the path for n^2 above the count table) give the same value,
+    gradient and statistics; the Gram one matches the dense reference in the tests above."""
     import trainers.competition as comp
 
     tr, acts = make("progressive", 4, theta0=0.3, lambda2_max=0.5)
@@ -208,10 +209,14 @@ def test_token_path_chunks_and_large_n_counting_agree(monkeypatch):
         (grad,) = torch.autograd.grad(value, tr.sae.W_dec)
         return value.detach(), grad, stat(stats["cofiring_pairs"]), stats["pairs_c_pos"], stats["mean_c"]
 
-    one = run()
+    gram = run()
+    monkeypatch.setattr(comp, "GRAM_MAX_LATENTS", 0)  # per token, one chunk
+    one_chunk = run()
     monkeypatch.setattr(comp, "TOKEN_CHUNK_ELEMENTS", 5 * 6 * D)  # 5 tokens per chunk
     monkeypatch.setattr(comp, "COUNT_TABLE_MAX", 0)
-    other = run()
-    torch.testing.assert_close(other[0], one[0])
-    torch.testing.assert_close(other[1], one[1])
-    assert other[2:] == pytest.approx(one[2:]) and one[2] == dense_n_pairs(latents)
+    chunks = run()
+    for other in (one_chunk, chunks):
+        torch.testing.assert_close(other[0], gram[0])
+        torch.testing.assert_close(other[1], gram[1])
+        assert other[2:] == pytest.approx(gram[2:])
+    assert gram[2] == dense_n_pairs(latents)
