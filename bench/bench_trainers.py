@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                   f"auto = what sae.sparse_step=auto runs; ratio = auto / topk's auto)")
             auto = sparse_step_wanted("auto", n, args.dtype)
             for name in ["topk"] + [t for t in args.trainers if t != "topk"]:
-                modes = ["off", "on"] if make(name, 8, 16, 8, 2, device, args.dtype, "on")[0].sparse_codes else ["off"]
+                modes = ["off", "on"] if make(name, 8, 256, 8, 2, device, args.dtype, "on")[0].sparse_codes else ["off"]
                 made = [make(name, d, n, B, k, device, args.dtype, m) for m in modes]
                 reference = [make("topk", d, n, B, k, device, args.dtype, "auto")[0]] if name != "topk" else []
                 secs, stats = time_interleaved([tr for tr, _ in made] + reference, made[0][1], B, args.steps)
