@@ -36,7 +36,8 @@ def auxk_loss(residual_BD: torch.Tensor, enc: Encoding, dead_F: torch.Tensor, k_
     n_dead = int(dead_F.sum())
     if n_dead == 0:
         return residual_BD.new_zeros(())
-    e_hat_BD = enc.topk_codes(min(k_aux, n_dead), exclude_F=~dead_F).decode(W_dec_FD)
+    # the top k_aux among the dead latents only: B x n_dead work where a masked B x F would cost it all
+    e_hat_BD = enc.topk_codes(min(k_aux, n_dead), among=dead_F.nonzero().squeeze(1)).decode(W_dec_FD)
     scale = distributed.batch_scale()
     mean_D = residual_BD.mean(0) if scale == 1 else distributed.all_mean(residual_BD.mean(0))
     denom = distributed.all_sum((residual_BD - mean_D).pow(2).sum())

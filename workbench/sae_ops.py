@@ -111,17 +111,21 @@ class _SelectedPreActs(torch.autograd.Function):
 @dataclass
 class Codes:
     """One batch's latents f = ReLU(pre) at selected entries (rows_E, idx_E: row-major order), zero elsewhere.
-    latents_BF is the dense (B, F) tensor (differentiable either way); decode() is a dense product in the
-    dense step and an embedding bag in the sparse one."""
+    latents_BF is the dense matrix (differentiable either way) over `columns` (None: all F latents; AuxK's
+    codes cover the dead latents only); decode() is a dense product in the dense step and an embedding bag
+    in the sparse one."""
     latents_BF: torch.Tensor
     rows_E: torch.Tensor
     idx_E: torch.Tensor
     vals_E: torch.Tensor
     sparse: bool
+    columns: torch.Tensor | None = None
 
     def decode(self, W_dec_FD: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """sum over latents lo..hi-1 of f_i d_i (no bias)."""
         if not self.sparse:
+            if self.columns is not None:
+                return self.latents_BF @ W_dec_FD[self.columns]
             return self.latents_BF[:, lo:hi] @ W_dec_FD[lo:hi]
         rows, idx, vals = self.rows_E, self.idx_E, self.vals_E
         if lo > 0 or hi is not None:
@@ -140,25 +144,34 @@ class Encoding:
     b_enc_F: torch.Tensor
     sparse: bool
 
-    def codes(self, rows_E: torch.Tensor, idx_E: torch.Tensor) -> Codes:
-        """f = ReLU(pre) kept at the given entries (sorted by row), zero elsewhere."""
+    def codes(self, rows_E: torch.Tensor, idx_E: torch.Tensor, columns: torch.Tensor | None = None) -> Codes:
+        """f = ReLU(pre) kept at the given entries (sorted by row), zero elsewhere; with `columns`, every
+        entry is among those latents and the dense step's matrix covers them only."""
         if self.sparse:
             pre_E = _SelectedPreActs.apply(self.pre_BF[rows_E, idx_E], self.sae_in_BD, self.W_enc_DF,
                                            self.b_enc_F, rows_E, idx_E)
         else:
             pre_E = self.pre_BF[rows_E, idx_E]
         vals_E = pre_E.relu()
-        latents_BF = self.pre_BF.new_zeros(self.pre_BF.shape, dtype=vals_E.dtype).index_put((rows_E, idx_E), vals_E)
-        return Codes(latents_BF, rows_E, idx_E, vals_E, self.sparse)
+        B, F = self.pre_BF.shape
+        if columns is None or self.sparse:
+            latents_BF = self.pre_BF.new_zeros((B, F), dtype=vals_E.dtype).index_put((rows_E, idx_E), vals_E)
+            return Codes(latents_BF, rows_E, idx_E, vals_E, self.sparse)
+        local_F = torch.empty(F, dtype=torch.long, device=idx_E.device)
+        local_F[columns] = torch.arange(len(columns), device=idx_E.device)
+        latents_BC = self.pre_BF.new_zeros((B, len(columns)), dtype=vals_E.dtype).index_put((rows_E, local_F[idx_E]), vals_E)
+        return Codes(latents_BC, rows_E, idx_E, vals_E, False, columns)
 
-    def topk_codes(self, k: int, exclude_F: torch.Tensor | None = None) -> Codes:
-        """Each row's k largest pre-activations (among latents not excluded), ReLU'd."""
+    def topk_codes(self, k: int, among: torch.Tensor | None = None) -> Codes:
+        """Each row's k largest pre-activations (among the given latents: AuxK's dead ones), ReLU'd."""
         pre = self.pre_BF.detach()
-        if exclude_F is not None:
-            pre = pre.masked_fill(exclude_F, float("-inf"))
+        if among is not None:
+            pre = pre.index_select(1, among)
         idx_BK = pre.topk(k, dim=-1, sorted=False).indices
+        if among is not None:
+            idx_BK = among[idx_BK]
         rows_E = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-        return self.codes(rows_E, idx_BK.flatten())
+        return self.codes(rows_E, idx_BK.flatten(), among)
 
     def mask_codes(self, keep_BF: torch.Tensor) -> Codes:
         """f = ReLU(pre) where keep_BF (e.g. BatchTopK's selection)."""
