@@ -3,7 +3,6 @@ TransformerLens's, on the embedded Gemma-3-270M and real held-out text."""
 import dataclasses
 
 import pytest
-import torch
 
 import evals  # noqa: F401  (registers the evals with the config loader)
 import trainers  # noqa: F401

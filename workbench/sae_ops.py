@@ -94,7 +94,7 @@ class _SelectedPreActs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_E):
         sae_in_BD, W_enc_DF, rows_E, idx_E = ctx.saved_tensors
-        B, (D, n) = sae_in_BD.shape[0], W_enc_DF.shape
+        B, n = sae_in_BD.shape[0], W_enc_DF.shape[1]
         g_E = g_E.float()
         grad_in = grad_W = grad_b = None
         if ctx.needs_input_grad[1]:
