@@ -174,10 +174,6 @@ class TokenPairs:
         min_fires = torch.where(both, torch.minimum(a_Bk[:, :, None], a_Bk[:, None, :]), 1.0)
         return cls(idx_Bk, both, min_fires, fires_F)
 
-    @property
-    def occurrences(self) -> int:
-        return int(self.both_Bkk.sum()) // 2
-
     @torch.no_grad()
     def counts_Bkk(self) -> torch.Tensor:
         """C_ij at every occurrence (1 where not both), float."""
@@ -211,9 +207,13 @@ class _TokenPairAbsCosine(torch.autograd.Function):
     chunk's dots (memory: one chunk of gathered rows, never B k D), d/dD_b = 2 (omega_b * sign(S_b)) D_b."""
 
     @staticmethod
-    def _chunks(B: int, k: int, d: int):
-        step = max(1, TOKEN_CHUNK_ELEMENTS // (k * d))
-        return [(s, min(B, s + step)) for s in range(0, B, step)]
+    def _chunk_rows(W: torch.Tensor, idx_Bk: torch.Tensor):
+        """(token range, its gathered decoder rows (tokens, k, D)) per chunk; index_select beats W[idx]."""
+        B, k = idx_Bk.shape
+        step = max(1, TOKEN_CHUNK_ELEMENTS // (k * W.shape[1]))
+        for lo in range(0, B, step):
+            hi = min(B, lo + step)
+            yield lo, hi, W.index_select(0, idx_Bk[lo:hi].flatten()).view(hi - lo, k, W.shape[1])
 
     @staticmethod
     def forward(ctx, W_dec, idx_Bk, omega_Bkk, dtype):
@@ -221,8 +221,7 @@ class _TokenPairAbsCosine(torch.autograd.Function):
         ctx.dtype = dtype
         W = W_dec.to(dtype)
         total = W_dec.new_zeros((), dtype=torch.float32)
-        for lo, hi in _TokenPairAbsCosine._chunks(*idx_Bk.shape, W.shape[1]):
-            rows = W.index_select(0, idx_Bk[lo:hi].flatten()).view(hi - lo, -1, W.shape[1])  # (faster than W[idx])
+        for lo, hi, rows in _TokenPairAbsCosine._chunk_rows(W, idx_Bk):
             total += (omega_Bkk[lo:hi] * torch.bmm(rows, rows.transpose(1, 2)).float().abs()).sum()
         return total
 
@@ -231,8 +230,7 @@ class _TokenPairAbsCosine(torch.autograd.Function):
         W_dec, idx_Bk, omega_Bkk = ctx.saved_tensors
         W = W_dec.to(ctx.dtype)
         grad = torch.zeros_like(W_dec)
-        for lo, hi in _TokenPairAbsCosine._chunks(*idx_Bk.shape, W.shape[1]):
-            rows = W.index_select(0, idx_Bk[lo:hi].flatten()).view(hi - lo, -1, W.shape[1])  # (faster than W[idx])
+        for lo, hi, rows in _TokenPairAbsCosine._chunk_rows(W, idx_Bk):
             dS = (omega_Bkk[lo:hi] * torch.bmm(rows, rows.transpose(1, 2)).float().sign()).to(ctx.dtype)
             grad.index_add_(0, idx_Bk[lo:hi].flatten(), (2 * torch.bmm(dS, rows)).flatten(0, 1).to(grad.dtype))
         return grad_out * grad, None, None, None

@@ -107,6 +107,14 @@ def embedded_checkpoint(cfg: ModelConfig) -> Path:
     return target
 
 
+def hub_load_error(cfg: ModelConfig, e: Exception, purpose: str = "") -> ModelLoadError:
+    """One line for a hub model that would not load (unreachable, gated, unknown name), naming the fix."""
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return ModelLoadError(f"cannot load model '{cfg.name}'{purpose} ({type(e).__name__}: {reason}); "
+                          f"it needs the HuggingFace hub (network, access to gated models, or a warm HF cache); "
+                          f"{QUICKSTART_HINT}")
+
+
 def load_lm(cfg: ModelConfig):
     """A HookedTransformer on the configured device and dtype; raises ModelLoadError with a fix."""
     from transformer_lens import HookedTransformer
@@ -125,10 +133,7 @@ def load_lm(cfg: ModelConfig):
         try:
             model = HookedTransformer.from_pretrained_no_processing(cfg.name, device=str(device), dtype=dtype)
         except Exception as e:  # hub unreachable, gated, unknown name: all end the same way
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(f"cannot load model '{cfg.name}' ({type(e).__name__}: {reason}); "
-                                 f"it needs the HuggingFace hub (network, access to gated models, or a warm HF cache); "
-                                 f"{QUICKSTART_HINT}") from None
+            raise hub_load_error(cfg, e) from None
     model.eval()
     check_hook(model, cfg)
     return model
@@ -198,9 +203,7 @@ def load_hook_forward(cfg: ModelConfig, tl_model=None):
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device).eval()
     except Exception as e:  # hub unreachable, gated, unknown name
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load model '{cfg.name}' for the hf harvest ({type(e).__name__}: {reason}); "
-                             f"it needs the HuggingFace hub; {QUICKSTART_HINT}") from None
+        raise hub_load_error(cfg, e, " for the hf harvest") from None
     if cfg.layer >= hf.config.num_hidden_layers:
         raise ModelLoadError(f"config key 'model.hook': layer {cfg.layer} is out of range, "
                              f"{cfg.name} has layers 0-{hf.config.num_hidden_layers - 1}")
