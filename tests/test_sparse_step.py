@@ -80,3 +80,26 @@ def test_auto_picks_by_measured_rule():
     relu = make_trainer(cfg.trainer, d_in=8, d_sae=16, total_steps=5, total_tokens=160,
                         init_acts_BD=torch.randn(8, 8), seed=0, sparse_step="on")
     assert not relu.sparse_step  # ReLU codes are not a selection: always dense
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_encoder_gradients_equal_autograd_through_the_input(sparse):
+    """encoder_pre_acts gives b_dec its gradient through x - b_dec as -W_enc (sum_b g_b), not by the input-
+    gradient matmul: every parameter's gradient equals plain autograd of (x - b_dec) W_enc + b_enc."""
+    from workbench.sae_ops import Encoding, encoder_pre_acts
+    g = torch.Generator().manual_seed(3)
+    x, W, b_enc, b_dec = (torch.randn(*s, generator=g) for s in [(32, 16), (16, 48), (48,), (16,)])
+    weight_BF = torch.randn(32, 48, generator=g)
+    params = [t.clone().requires_grad_() for t in (W, b_enc, b_dec)]
+    ((x - params[2]) @ params[0] + params[1]).topk(5, dim=1).values.mul(weight_BF[:, :5]).sum().backward()
+    ours = [t.clone().requires_grad_() for t in (W, b_enc, b_dec)]
+    pre_BF, bias_F = encoder_pre_acts((x - b_dec), ours[0], ours[1], ours[2], grad=not sparse)
+    assert pre_BF.requires_grad != sparse
+    torch.testing.assert_close(pre_BF.detach(), (x - b_dec) @ W + b_enc)
+    codes = Encoding(pre_BF, x - b_dec, ours[0], bias_F, sparse).topk_codes(5)
+    order = codes.vals_E.view(32, 5).detach().argsort(dim=1, descending=True)  # the reference's order
+    vals_B5 = codes.latents_BF.gather(1, codes.idx_E.view(32, 5).gather(1, order)) if not sparse else \
+        codes.vals_E.view(32, 5).gather(1, order)
+    vals_B5.mul(weight_BF[:, :5]).sum().backward()
+    for ref, got in zip(params, ours):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-5, atol=1e-5)

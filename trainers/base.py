@@ -8,7 +8,8 @@ import torch
 
 from workbench import distributed
 from workbench.config import TRAINER_CONFIGS, configclass, param
-from workbench.sae_ops import Codes, Encoding, default_lr, normalize_rows_, remove_parallel_grad_, sparse_step_wanted
+from workbench.sae_ops import (Codes, Encoding, default_lr, encoder_pre_acts, normalize_rows_, remove_parallel_grad_,
+                                sparse_step_wanted)
 from workbench.training import StepOutput  # noqa: F401  (what a trainer's step returns; the loop reads it)
 
 TRAINERS: dict[str, type["Trainer"]] = {}
@@ -121,19 +122,20 @@ class Trainer:
     @torch.no_grad()
     def count_step(self, out: StepOutput) -> None:
         """Dead-latent counters and the step count, after every step (over the global batch)."""
-        fired_F = distributed.all_max((out.latents_BF > 0).any(dim=0).to(torch.uint8)).bool()
+        fired_F = distributed.all_max(out.fired_F().to(torch.uint8)).bool()
         self.tokens_since_fired_F += out.acts_BD.shape[0] * distributed.batch_scale()
         self.tokens_since_fired_F[fired_F] = 0
         self.step_count += 1
 
     def encode(self, acts_BD: torch.Tensor) -> Encoding:
         """The encoder forward, dense always; in the sparse step without autograd (Encoding.codes puts the
-        gradient on the selected entries only)."""
+        gradient on the selected entries only). b_dec's gradient through the input x - b_dec comes from the
+        bias (encoder_pre_acts), so no step pays for the input-gradient matmul."""
         sae = self.sae
-        sae_in_BD = sae.process_sae_in(acts_BD)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse_step):
-            pre_BF = sae.hook_sae_acts_pre(sae_in_BD @ sae.W_enc + sae.b_enc)
-        return Encoding(pre_BF, sae_in_BD, sae.W_enc, sae.b_enc, self.sparse_step)
+        with torch.no_grad():
+            sae_in_BD = sae.process_sae_in(acts_BD)  # x - b_dec: sae_lens's input processing (make_sae's cfg)
+        pre_BF, bias_F = encoder_pre_acts(sae_in_BD, sae.W_enc, sae.b_enc, sae.b_dec, grad=not self.sparse_step)
+        return Encoding(sae.hook_sae_acts_pre(pre_BF), sae_in_BD, sae.W_enc, bias_F, self.sparse_step)
 
     def decode(self, codes: Codes) -> torch.Tensor:
         """x_hat = b_dec + sum_i f_i d_i: SAELens's dense decode, or the sparse step's embedding bag."""
@@ -143,7 +145,7 @@ class Trainer:
 
     def forward_parts(self, acts_BD: torch.Tensor):
         """pre-activations, latents and reconstruction of the current SAE (dense; the ReLU family's)."""
-        pre_BF = self.sae.pre_acts(acts_BD)
+        pre_BF = self.encode(acts_BD).pre_BF
         latents_BF = self.sae.activate(pre_BF)
         return pre_BF, latents_BF, self.sae.decode(latents_BF)
 

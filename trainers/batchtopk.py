@@ -83,19 +83,19 @@ class BatchTopKTrainer(Trainer):
         enc = self.encode(acts_BD)
         codes = enc.mask_codes(global_batch_topk_mask(enc.pre_BF.detach().relu(),
                                                       cfg.k * acts_BD.shape[0] * distributed.batch_scale()))
-        latents_BF = codes.latents_BF
         l_recon, parts, recon_BD = self.reconstruction(acts_BD, codes)
         k_aux = cfg.k_aux or acts_BD.shape[1] // 2
         l_aux = auxk_loss((acts_BD - recon_BD).detach(), enc, self.dead_mask_F, k_aux, self.sae.W_dec)
         parts["auxk"] = l_aux
         stats = {"threshold": float(self.sae.threshold[0])}
-        return StepOutput(l_recon + cfg.auxk_alpha * l_aux, parts, acts_BD, recon_BD, latents_BF, stats)
+        return StepOutput(l_recon + cfg.auxk_alpha * l_aux, parts, acts_BD, recon_BD, codes, stats)
 
     @torch.no_grad()
     def after_step(self, out: StepOutput) -> None:
         if self.step_count < self.threshold_start:
             return
-        kept = out.latents_BF[out.latents_BF > 0]
+        vals_E = out.latents.vals_E.detach()  # the selected entries' values (ReLU'd: 0 where pre <= 0)
+        kept = vals_E[vals_E > 0]
         local_min = kept.min().float() if kept.numel() else torch.tensor(float("inf"), device=kept.device)
         smallest = distributed.all_min(local_min)  # over the global batch
         if not torch.isfinite(smallest):

@@ -343,7 +343,7 @@ class CompetitionTrainer(Trainer):
         """Per-token co-firing for TopK codes (one process; while B k^2 / 2 <= n^2 / 2), else None."""
         if codes is None or distributed.ctx().data_parallel:
             return None
-        B, n = codes.latents_BF.shape
+        B, n = codes.shape
         k = codes.idx_E.numel() // B
         if k * B != codes.idx_E.numel() or B * k * k > n * n:
             return None
@@ -359,4 +359,4 @@ class CompetitionTrainer(Trainer):
         parts["competition"] = penalty.detach()
         total = distributed.all_mean(loss.detach())
         stats["penalty_share"] = (penalty.detach() / total).item() if total.item() != 0 else 0.0
-        return StepOutput(loss, parts, acts_BD, recon_BD, latents_BF, stats)
+        return StepOutput(loss, parts, acts_BD, recon_BD, latents_BF if codes is None else codes, stats)

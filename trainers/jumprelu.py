@@ -101,7 +101,7 @@ class JumpReLUTrainer(Trainer):
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
         eps = self.cfg.bandwidth
         theta_F = self.log_threshold_F.exp()
-        pre_BF = self.sae.pre_acts(acts_BD)
+        pre_BF = self.encode(acts_BD).pre_BF
         latents_BF = JumpReLUFn.apply(pre_BF, theta_F, eps)
         recon_BD = self.sae.decode(latents_BF)
         l_recon = reconstruction_loss(acts_BD, recon_BD)

@@ -66,4 +66,4 @@ class TopKTrainer(Trainer):
 
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
         parts, loss, codes, recon_BD = topk_loss_parts(self, acts_BD)
-        return StepOutput(loss, parts, acts_BD, recon_BD, codes.latents_BF)
+        return StepOutput(loss, parts, acts_BD, recon_BD, codes)

@@ -81,45 +81,89 @@ def bag_sum(rows_E: torch.Tensor, idx_E: torch.Tensor, vals_E: torch.Tensor, W_F
     return F.embedding_bag(idx_E, W_FD.to(vals_E.dtype), offsets_B, mode="sum", per_sample_weights=vals_E)
 
 
+class _EncoderBias(torch.autograd.Function):
+    """The encoder's bias b_enc, unchanged, in pre = (x - b_dec) W_enc + b_enc. Its backward also gives b_dec
+    the gradient it gets through the encoder's input, -W_enc g with g = dL/db_enc (already summed over the
+    batch): a matrix-vector product where autograd's would be the (B, F) x (F, D) input-gradient matmul.
+    Valid because x itself needs no gradient (activations are data), so that matmul only fed b_dec."""
+
+    @staticmethod
+    def forward(ctx, b_enc_F, b_dec_D, W_enc_DF):
+        ctx.save_for_backward(W_enc_DF)
+        return b_enc_F.clone()
+
+    @staticmethod
+    def backward(ctx, g_F):
+        (W_enc_DF,) = ctx.saved_tensors
+        return g_F, -(W_enc_DF @ g_F.to(W_enc_DF.dtype)), None
+
+
+def encoder_pre_acts(sae_in_BD: torch.Tensor, W_enc_DF: torch.Tensor, b_enc_F: torch.Tensor, b_dec_D: torch.Tensor,
+                     grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre_BF, bias_F) for sae_in = x - b_dec given as a value (no graph): pre = sae_in W_enc + b_enc, with
+    b_dec's gradient through the bias (_EncoderBias). grad=False: pre is computed without autograd (the sparse
+    step differentiates at the selected entries only, through bias_F)."""
+    bias_F = _EncoderBias.apply(b_enc_F, b_dec_D, W_enc_DF.detach())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and grad):
+        return torch.addmm(bias_F, sae_in_BD, W_enc_DF), bias_F
+
+
 class _SelectedPreActs(torch.autograd.Function):
     """pre_e = sae_in_{row e} . W_enc[:, idx_e] + b_enc[idx_e] at the selected entries, its value taken
     from the dense (no-grad) encoder forward. Backward touches only the selected columns:
-    dW_enc[:, i] = sum_{e: idx_e = i} g_e sae_in_{row e};  db_enc[i] = sum g_e;  dsae_in_b = sum_e g_e W_enc[:, idx_e]."""
+    dW_enc[:, i] = sum_{e: idx_e = i} g_e sae_in_{row e};  db_enc[i] = sum g_e. (sae_in is a value:
+    b_dec's gradient through it comes from the bias, _EncoderBias.)"""
 
     @staticmethod
     def forward(ctx, pre_E, sae_in_BD, W_enc_DF, b_enc_F, rows_E, idx_E):
-        ctx.save_for_backward(sae_in_BD, W_enc_DF, rows_E, idx_E)
+        ctx.save_for_backward(sae_in_BD, rows_E, idx_E)
+        ctx.n = W_enc_DF.shape[1]
         return pre_E.clone()
 
     @staticmethod
     def backward(ctx, g_E):
-        sae_in_BD, W_enc_DF, rows_E, idx_E = ctx.saved_tensors
-        B, n = sae_in_BD.shape[0], W_enc_DF.shape[1]
+        sae_in_BD, rows_E, idx_E = ctx.saved_tensors
+        B, n = sae_in_BD.shape[0], ctx.n
         g_E = g_E.float()
-        grad_in = grad_W = grad_b = None
-        if ctx.needs_input_grad[1]:
-            # the bag wants contiguous rows: a transposed view runs ~50x slower
-            grad_in = bag_sum(rows_E, idx_E, g_E, W_enc_DF.T.contiguous(), B).to(sae_in_BD.dtype)
+        grad_W = grad_b = None
         if ctx.needs_input_grad[2]:
             G_FB = torch.sparse_coo_tensor(torch.stack([idx_E, rows_E]), g_E, (n, B), check_invariants=False)
-            grad_W = torch.sparse.mm(G_FB, sae_in_BD.float()).T.to(W_enc_DF.dtype)
+            grad_W = torch.sparse.mm(G_FB, sae_in_BD.float()).T
         if ctx.needs_input_grad[3]:
             grad_b = torch.zeros(n, dtype=torch.float32, device=g_E.device).index_add_(0, idx_E, g_E)
-        return None, grad_in, grad_W, grad_b, None, None
+        return None, None, grad_W, grad_b, None, None
 
 
-@dataclass
 class Codes:
     """One batch's latents f = ReLU(pre) at selected entries (rows_E, idx_E: row-major order), zero elsewhere.
-    latents_BF is the dense matrix (differentiable either way) over `columns` (None: all F latents; AuxK's
-    codes cover the dead latents only); decode() is a dense product in the dense step and an embedding bag
-    in the sparse one."""
-    latents_BF: torch.Tensor
-    rows_E: torch.Tensor
-    idx_E: torch.Tensor
-    vals_E: torch.Tensor
-    sparse: bool
-    columns: torch.Tensor | None = None
+    latents_BF is the dense (B, F) matrix over `columns` (None: all F latents; AuxK's codes cover the dead
+    latents only), differentiable either way and made on first use: the dense step's decode is a product
+    with it, while the sparse step's decode is an embedding bag over the entries and never needs it."""
+
+    def __init__(self, rows_E: torch.Tensor, idx_E: torch.Tensor, vals_E: torch.Tensor, shape: tuple[int, int],
+                 sparse: bool, columns: torch.Tensor | None = None):
+        self.rows_E, self.idx_E, self.vals_E, self.shape = rows_E, idx_E, vals_E, shape
+        self.sparse, self.columns = sparse, columns
+        self._latents_BF: torch.Tensor | None = None
+
+    @property
+    def latents_BF(self) -> torch.Tensor:
+        if self._latents_BF is None:
+            B, F = self.shape
+            cols = self.idx_E
+            if self.columns is not None:
+                local_F = torch.empty(F, dtype=torch.long, device=cols.device)
+                local_F[self.columns] = torch.arange(len(self.columns), device=cols.device)
+                cols, F = local_F[cols], len(self.columns)
+            # in place into fresh zeros: the out-of-place index_put would copy the B x F matrix once more
+            self._latents_BF = self.vals_E.new_zeros((B, F)).index_put_((self.rows_E, cols), self.vals_E)
+        return self._latents_BF
+
+    @torch.no_grad()
+    def fired_F(self) -> torch.Tensor:
+        """Which of all F latents are > 0 somewhere in the batch: B*k work where the dense matrix's is B*F."""
+        fired = torch.zeros(self.shape[1], dtype=torch.bool, device=self.idx_E.device)
+        return fired.index_fill_(0, self.idx_E[self.vals_E > 0], True)
 
     def decode(self, W_dec_FD: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """sum over latents lo..hi-1 of f_i d_i (no bias)."""
@@ -131,13 +175,14 @@ class Codes:
         if lo > 0 or hi is not None:
             keep = (idx >= lo) & (idx < (W_dec_FD.shape[0] if hi is None else hi))
             rows, idx, vals = rows[keep], idx[keep], vals[keep]
-        return bag_sum(rows, idx, vals, W_dec_FD, self.latents_BF.shape[0])
+        return bag_sum(rows, idx, vals, W_dec_FD, self.shape[0])
 
 
 @dataclass
 class Encoding:
     """The encoder's output for one batch: pre_BF (differentiable in the dense step; values only in the
-    sparse step, where `codes` routes the gradient through _SelectedPreActs)."""
+    sparse step, where `codes` routes the gradient through _SelectedPreActs), the input x - b_dec (a value),
+    and the bias node that carries b_enc's and b_dec's gradients (encoder_pre_acts)."""
     pre_BF: torch.Tensor
     sae_in_BD: torch.Tensor
     W_enc_DF: torch.Tensor
@@ -152,15 +197,8 @@ class Encoding:
                                            self.b_enc_F, rows_E, idx_E)
         else:
             pre_E = self.pre_BF[rows_E, idx_E]
-        vals_E = pre_E.relu()
-        B, F = self.pre_BF.shape
-        if columns is None or self.sparse:
-            latents_BF = self.pre_BF.new_zeros((B, F), dtype=vals_E.dtype).index_put((rows_E, idx_E), vals_E)
-            return Codes(latents_BF, rows_E, idx_E, vals_E, self.sparse)
-        local_F = torch.empty(F, dtype=torch.long, device=idx_E.device)
-        local_F[columns] = torch.arange(len(columns), device=idx_E.device)
-        latents_BC = self.pre_BF.new_zeros((B, len(columns)), dtype=vals_E.dtype).index_put((rows_E, local_F[idx_E]), vals_E)
-        return Codes(latents_BC, rows_E, idx_E, vals_E, False, columns)
+        return Codes(rows_E, idx_E, pre_E.relu(), tuple(self.pre_BF.shape), self.sparse,
+                     None if self.sparse else columns)
 
     def topk_codes(self, k: int, among: torch.Tensor | None = None) -> Codes:
         """Each row's k largest pre-activations (among the given latents: AuxK's dead ones), ReLU'd."""
@@ -184,8 +222,8 @@ class Encoding:
 @torch.no_grad()
 def remove_parallel_grad_(W_dec: nn.Parameter) -> None:
     """Before the optimizer step: drop each row's gradient component along the (unit) row."""
-    if W_dec.grad is not None:
-        W_dec.grad -= (W_dec.grad * W_dec).sum(dim=1, keepdim=True) * W_dec
+    if W_dec.grad is not None:  # in place: one (F, D) temporary, not three
+        W_dec.grad.addcmul_((W_dec.grad * W_dec).sum(dim=1, keepdim=True), W_dec, value=-1)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from workbench import distributed
 from workbench.runio import JsonlLog
+from workbench.sae_ops import Codes
 
 if TYPE_CHECKING:  # sae_lens is heavy to import; the loop only needs the type's name
     from workbench.sae import TrainableSAE
@@ -26,9 +27,17 @@ class StepOutput:
     parts: dict[str, torch.Tensor]
     acts_BD: torch.Tensor
     recon_BD: torch.Tensor
-    latents_BF: torch.Tensor
+    latents: torch.Tensor | Codes  # the (B, F) latents, or the TopK family's codes (the matrix made on demand)
     stats: dict = field(default_factory=dict)  # trainer-specific statistics for the log (a number, or a
     # callable giving one: evaluated only on logged steps)
+
+    @property
+    def latents_BF(self) -> torch.Tensor:
+        return self.latents.latents_BF if isinstance(self.latents, Codes) else self.latents
+
+    def fired_F(self) -> torch.Tensor:
+        """Which latents are > 0 somewhere in the batch (the dead-latent counters read it every step)."""
+        return self.latents.fired_F() if isinstance(self.latents, Codes) else (self.latents > 0).any(dim=0)
 
 
 class Trainer(Protocol):
