@@ -190,6 +190,18 @@ class TokenPairs:
             self._counts = torch.ones_like(self.min_fires_Bkk).masked_scatter_(self.both_Bkk, per_key.float() / 2)
         return self._counts
 
+    @torch.no_grad()
+    def overlap_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, N): the co-firing counts C_ij and overlaps n_ij = C_ij / min(a_i, a_j) as dense n x n float32
+        tables (both orders, zero diagonal, zero where a pair never co-fires): one scatter of the occurrences,
+        for the Gram path, where each trainer's coefficients are then taken elementwise."""
+        n = self.fires_F.shape[0]
+        keys = (self.idx_Bk[:, :, None] * n + self.idx_Bk[:, None, :])[self.both_Bkk]
+        C_FF = torch.zeros(n * n, dtype=torch.float32, device=keys.device).index_add_(
+            0, keys, torch.ones_like(keys, dtype=torch.float32)).view(n, n)
+        fires_F = self.fires_F.float()
+        return C_FF, C_FF / torch.minimum(fires_F[:, None], fires_F[None, :]).clamp_min(1)
+
     def n_pairs(self) -> int:
         """Distinct co-firing pairs: each has C_ij occurrences, each counted twice (r, s and s, r)."""
         return round(0.5 * (self.both_Bkk / self.counts_Bkk()).sum().item())
@@ -259,17 +271,22 @@ class _GramAbsCosine(torch.autograd.Function):
 GRAM_MAX_LATENTS = 8192  # the Gram path's n x n float32 matrices stay under 256 MB each
 
 
+def gram_wanted(n: int, B: int, k: int) -> bool:
+    """The full Gram (n^2 D) while n^2 <= 4 B k^2 (and n <= GRAM_MAX_LATENTS), else gathered rows per token."""
+    return n <= GRAM_MAX_LATENTS and n * n <= 4 * B * k * k
+
+
 def token_pair_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(1/n) sum_{i != j} coef_ij s_ij, given omega = coef_ij / C_ij at every occurrence (0 where not both):
-    through the full Gram while n^2 <= 4 B k^2 (and n <= GRAM_MAX_LATENTS), else per token."""
-    B, k = pairs.idx_Bk.shape
-    if n <= GRAM_MAX_LATENTS and n * n <= 4 * B * k * k:
-        i, j = pairs.idx_Bk[:, :, None].expand(B, k, k), pairs.idx_Bk[:, None, :].expand(B, k, k)
-        K_FF = torch.zeros(n * n, dtype=torch.float32, device=W_dec.device).index_add_(
-            0, (i * n + j).flatten(), omega_Bkk.float().flatten()).view(n, n)  # = coef_ij (sum over occurrences)
-        return _GramAbsCosine.apply(W_dec, K_FF, dtype) / n
+    """(1/n) sum_{i != j} coef_ij s_ij per token, given omega = coef_ij / C_ij at every occurrence (0 where
+    not both): the path where the Gram is not wanted (gram_wanted; there, gram_penalty on the count table)."""
     return _TokenPairAbsCosine.apply(W_dec, pairs.idx_Bk, omega_Bkk.float(), dtype) / n
+
+
+def gram_penalty(W_dec: torch.Tensor, coef_FF: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(1/n) sum_{i != j} coef_ij s_ij for a dense symmetric coef >= 0 with a zero diagonal (consumed: it
+    is overwritten with its signed copy)."""
+    return _GramAbsCosine.apply(W_dec, coef_FF, dtype) / n
 
 
 def competition_penalty(W_dec: torch.Tensor, pairs: CoFiring, coef_P: torch.Tensor, n: int):

@@ -15,7 +15,8 @@ import torch
 
 from trainers.base import register
 from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
-                                  max_abs_cosine_F, pair_dots, token_pair_penalty)
+                                  gram_penalty, gram_wanted, max_abs_cosine_F, pair_dots,
+                                  token_pair_penalty)
 from workbench.config import configclass, param
 
 SNAPSHOTS = (0.25, 0.5, 0.75, 1.0)
@@ -54,7 +55,16 @@ class ProgressiveTrainer(CompetitionTrainer):
         n = self.sae.d_sae
         self._last_latents = latents_BF.detach()
         tokens = self.token_pairs(codes)
-        if tokens is not None:  # c_ij at every occurrence; the sums over pairs weigh each by 1 / C_ij
+        if tokens is not None and gram_wanted(n, *tokens.idx_Bk.shape):  # c_ij on the n x n count table
+            with torch.no_grad():
+                C_FF, overlap_FF = tokens.overlap_table()
+                c_FF = overlap_FF.sub_(thr).div_(thr).clamp_(0, 1)  # 0 where C_ij = 0 (thr > 0)
+            value = lam * gram_penalty(self.sae.W_dec, c_FF, n, self.penalty_dtype())
+            # logged steps only; gram_penalty signed c_FF in place, which keeps its zeros and |c|
+            n_pairs = lambda: int(torch.count_nonzero(C_FF)) // 2  # noqa: E731
+            n_pos = lambda: int(torch.count_nonzero(c_FF)) // 2  # noqa: E731
+            mean_c = lambda: c_FF.abs().sum().item() / 2 / max(n_pos(), 1)  # noqa: E731
+        elif tokens is not None:  # c_ij at every occurrence; the sums over pairs weigh each by 1 / C_ij
             with torch.no_grad():
                 per_pair = tokens.both_Bkk / tokens.counts_Bkk()
                 c_occ = torch.where(tokens.both_Bkk, ((tokens.counts_Bkk() / tokens.min_fires_Bkk - thr) / thr).clamp(0, 1), 0.0)
