@@ -196,11 +196,12 @@ class TokenPairs:
         tables (both orders, zero diagonal, zero where a pair never co-fires): one scatter of the occurrences,
         for the Gram path, where each trainer's coefficients are then taken elementwise."""
         n = self.fires_F.shape[0]
-        keys = (self.idx_Bk[:, :, None] * n + self.idx_Bk[:, None, :])[self.both_Bkk]
+        keys = self.idx_Bk[:, :, None] * n + self.idx_Bk[:, None, :]
+        # every occurrence scattered with weight 1 where both fire, 0 elsewhere: cheaper than compacting
         C_FF = torch.zeros(n * n, dtype=torch.float32, device=keys.device).index_add_(
-            0, keys, torch.ones_like(keys, dtype=torch.float32)).view(n, n)
-        fires_F = self.fires_F.float()
-        return C_FF, C_FF / torch.minimum(fires_F[:, None], fires_F[None, :]).clamp_min(1)
+            0, keys.flatten(), self.both_Bkk.flatten().float()).view(n, n)
+        inv_F = 1 / self.fires_F.float().clamp_min(1)  # 1 / min(a_i, a_j) = max(1 / a_i, 1 / a_j)
+        return C_FF, torch.maximum(inv_F[:, None], inv_F[None, :]).mul_(C_FF)
 
     def n_pairs(self) -> int:
         """Distinct co-firing pairs: each has C_ij occurrences, each counted twice (r, s and s, r)."""
