@@ -70,17 +70,16 @@ class ProgressiveTrainer(CompetitionTrainer):
                 c_occ = torch.where(tokens.both_Bkk, ((tokens.counts_Bkk() / tokens.min_fires_Bkk - thr) / thr).clamp(0, 1), 0.0)
             value = lam * token_pair_penalty(self.sae.W_dec, tokens, c_occ * per_pair, n, self.penalty_dtype())
             n_pairs = tokens.n_pairs  # these three only on logged steps (stats may be callables)
-            n_pos = lambda: 0.5 * (per_pair * (c_occ > 0)).sum().item()  # noqa: E731
-            mean_c = lambda: 0.5 * (per_pair * c_occ).sum().item() / max(n_pos(), 1.0)  # noqa: E731
+            n_pos = lambda: round(0.5 * (per_pair * (c_occ > 0)).sum().item())  # noqa: E731
+            mean_c = lambda: 0.5 * (per_pair * c_occ).sum().item() / max(n_pos(), 1)  # noqa: E731
         else:
             pairs = cofiring_pairs(latents_BF)
             c_P = ((pairs.overlap - thr) / thr).clamp(0, 1)
             value = lam * competition_penalty(self.sae.W_dec, pairs, c_P, n)
             active = c_P > 0
-            n_pairs, n_pos = pairs.n_pairs, active.sum().item()
+            n_pairs, n_pos = pairs.n_pairs, int(active.sum())
             mean_c = c_P[active].mean().item() if active.any() else 0.0
-        stats = {"lambda2": lam, "threshold": thr, "cofiring_pairs": n_pairs,
-                 "pairs_c_pos": (lambda: round(n_pos())) if callable(n_pos) else round(n_pos), "mean_c": mean_c}
+        stats = {"lambda2": lam, "threshold": thr, "cofiring_pairs": n_pairs, "pairs_c_pos": n_pos, "mean_c": mean_c}
         return value, stats
 
     def step(self, acts_BD):
