@@ -74,6 +74,8 @@ def fail(message: str, cfg: RunConfig, out_dir: Path) -> int:
     print(f"error: {message}", file=sys.stderr)
     if distributed.ctx().main:
         mark_failed([run_dir for run_dir, _ in sweep_runs(cfg, out_dir)], message)
+    else:
+        distributed.let_rank0_report()
     return 1
 
 
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if main_rank:
             print(f"error: {e}", file=sys.stderr)
         distributed.shutdown()
+        distributed.let_rank0_report()
         return 2
     from workbench.lm import ModelLoadError
     from workbench.text import DataError

@@ -96,6 +96,16 @@ def from_collective(error: BaseException) -> bool:
         "torch/distributed/" in frame.filename for frame in traceback.extract_tb(error.__traceback__))
 
 
+def let_rank0_report(seconds: float = 30.0) -> None:
+    """On a non-zero rank that is about to exit on an error: wait, so that rank 0 prints the error and
+    marks the run failed first. torchrun stops every rank as soon as one exits, and a rank that meets
+    the same error a moment sooner would otherwise end rank 0 mid-report. torchrun ends this wait as
+    soon as rank 0 exits; the bound only matters when rank 0 did not fail."""
+    if launched() and os.environ.get("RANK", "0") != "0":
+        import time
+        time.sleep(seconds)
+
+
 def shutdown() -> None:
     global _CTX
     if dist.is_initialized():
