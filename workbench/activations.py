@@ -2,7 +2,7 @@
 
 - `harvest`: an LM forward to the hook (workbench/lm.py: TransformerLens's, stopped at the hook's layer, or
   the HuggingFace model cut after it) over batches of contexts; yields the hook's activations at
-  non-special positions as float32 (N, D) chunks.
+  non-special positions as (N, D) chunks in the LM's dtype.
 - `mixing_buffer`: shuffles tokens across many contexts before they form SAE batches.
 - `ActivationScaler`: the one scalar s with E||s x||^2 = d (TRAINERS.md), estimated once per run.
 """
@@ -41,7 +41,8 @@ def harvest(hook_forward: Callable[[torch.Tensor], torch.Tensor], contexts: Iter
         tokens_BT = torch.stack(batch)
         acts_BTD = hook_forward(tokens_BT)
         keep_BT = ~special_mask(tokens_BT, special_ids).to(acts_BTD.device)
-        yield acts_BTD[keep_BT].to(device=out_device, dtype=torch.float32)
+        # the LM's dtype (bf16: half the mixing buffer's memory and traffic); ActivationScaler makes float32
+        yield acts_BTD[keep_BT].to(device=out_device)
 
 
 class MixingBuffer:
@@ -117,4 +118,5 @@ class ActivationScaler:
         return cls(scale=(acts_ND.shape[-1] / mean_sq_norm) ** 0.5)
 
     def __call__(self, acts: torch.Tensor) -> torch.Tensor:
-        return acts * self.scale
+        """float32 s * x (x in the LM's dtype: the cast is exact, so the batch is the same as from float32)."""
+        return acts.float() * self.scale

@@ -78,7 +78,7 @@ class ActivationCache:
         return meta
 
     def read(self, key: str, meta: dict, device="cpu") -> Iterator[torch.Tensor]:
-        """Chunks (n, d) float32, with the same boundaries and order as when they were written."""
+        """Chunks (n, d) in the stored dtype (the LM's), with the same boundaries and order as when written."""
         dtype = str_to_dtype(meta["dtype"])
         arrays = [np.memmap(self.entry(key) / s["file"], dtype=_NP_VIEW[dtype], mode="r", shape=(s["tokens"], meta["d"]))
                   for s in meta["shards"]]
@@ -91,7 +91,7 @@ class ActivationCache:
                 size, offset = size - take, offset + take
                 if offset == arrays[shard].shape[0]:
                     shard, offset = shard + 1, 0
-            yield torch.cat(pieces).view(dtype).to(device=device, dtype=torch.float32)
+            yield torch.cat(pieces).view(dtype).to(device=device)
 
     # ------------------------------------------------------------ writing
     def writer(self, key: str, n_tokens: int, describe: dict, store_dtype: torch.dtype,

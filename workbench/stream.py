@@ -1,4 +1,4 @@
-"""The run's activation stream: text -> LM hook -> float32 chunks, or the same chunks from the cache.
+"""The run's activation stream: text -> LM hook -> chunks in the LM's dtype, or the same chunks from the cache.
 
 `LazyLM` loads the model on first use (a warm-cache run without LM-based evals never loads it);
 `ActivationStream` yields the chunks in harvest order, read ahead in a background thread.
@@ -87,7 +87,7 @@ def stream_description(cfg: RunConfig, device: torch.device) -> dict:
 
 
 class ActivationStream:
-    """The run's activation chunks (float32, harvest order): read from the cache when a complete entry
+    """The run's activation chunks (in the LM's dtype, harvest order): read from the cache when a complete entry
     exists for this key, else produced by the LM (and stored when caching is on). skip_chunks drops the
     chunks a resumed run already consumed (from the LM: without running it on them).
 
@@ -136,10 +136,11 @@ class ActivationStream:
         if dist_ctx.distributed:
             self._read_ahead(d.prefetch_chunks)  # this rank's LM work, ahead; the gathers stay in this thread
             self._raw = self.chunks = distributed.gathered_chunks(
-                self.chunks, skip_chunks, hook_forward.d_model, torch.empty(0, device=device))
+                self.chunks, skip_chunks, hook_forward.d_model,
+                torch.empty(0, device=device, dtype=str_to_dtype(cfg.model.dtype)))
         bytes_needed = self.n_tokens * hook_forward.d_model * (2 if cfg.model.dtype != "float32" else 4)
         if cfg.cache.enabled and skip_chunks == 0 and bytes_needed <= self.cache.max_bytes:
-            store = torch.float32 if cfg.model.dtype == "float32" else str_to_dtype(cfg.model.dtype)
+            store = str_to_dtype(cfg.model.dtype)  # the chunks' own dtype
             # under torchrun only rank 0 stores; the others count the same tokens, so all stop together
             self.writer = self.cache.writer(self.key, self.n_tokens, describe, store, dry=not dist_ctx.main)
             self.chunks = self.writer.wrap(self._raw)
