@@ -18,6 +18,7 @@ at the end.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -102,7 +103,6 @@ def let_rank0_report(seconds: float = 30.0) -> None:
     the same error a moment sooner would otherwise end rank 0 mid-report. torchrun ends this wait as
     soon as rank 0 exits; the bound only matters when rank 0 did not fail."""
     if launched() and os.environ.get("RANK", "0") != "0":
-        import time
         time.sleep(seconds)
 
 
