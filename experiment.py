@@ -71,6 +71,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, argv: list[str], ckpt: d
 
 def fail(message: str, cfg: RunConfig, out_dir: Path) -> int:
     """One line on stderr; run directories already created get failed.txt (from rank 0)."""
+    distributed.reporting()
     print(f"error: {message}", file=sys.stderr)
     if distributed.ctx().main:
         mark_failed([run_dir for run_dir, _ in sweep_runs(cfg, out_dir)], message)

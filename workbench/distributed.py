@@ -18,6 +18,7 @@ at the end.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -59,7 +60,8 @@ def launched() -> bool:
 def init(device_spec: str, sweep_over_ranks: bool) -> tuple[Context, str]:
     """Join the process group torchrun set up; returns the context and this rank's device spec
     (cuda:LOCAL_RANK on a GPU node). NCCL for CUDA devices, gloo for CPU."""
-    global _CTX
+    global _CTX, _reporting
+    _reporting = False
     if not launched():
         _CTX = Context()
         return _CTX, device_spec
@@ -84,7 +86,23 @@ class Stopped(Exception):
     """torchrun stopped this rank (SIGTERM), as it does to every rank once one has failed."""
 
 
+_reporting = False  # set once this rank is reporting an error: a SIGTERM then must not cut the report short
+
+
+def reporting() -> None:
+    """This rank is on its way out with an error; from here a SIGTERM is ignored (the report takes ms)."""
+    global _reporting
+    _reporting = True
+
+
 def _stopped(signum, frame):  # noqa: ARG001
+    # torchrun's SIGTERM often lands while this rank is already handling the collective error that the
+    # dead peer caused (gloo's "Connection reset by peer"); a Stopped raised there would replace the
+    # report with a traceback. Handled exceptions are visible here, so that window is closed too.
+    handled = sys.exc_info()[1]
+    if _reporting or (handled is not None and from_collective(handled)):
+        return
+    reporting()
     raise Stopped("torchrun stopped this rank after another one failed")
 
 
