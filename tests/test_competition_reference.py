@@ -195,19 +195,24 @@ def test_progressive_snapshots_and_max_cosine():
     torch.testing.assert_close(max_abs_cosine_F(W, chunk=7), dense_s(W).max(1).values)
 
 
-def test_token_path_kernels_and_large_n_counting_agree(monkeypatch):
+@pytest.mark.parametrize("name,settings,keys", [
+    ("progressive", {"theta0": 0.3, "lambda2_max": 0.5}, ("cofiring_pairs", "pairs_c_pos", "mean_c")),
+    ("momentum", {"base": "topk", "tau": 0.5, "lambda2": 0.5, "normalize": "mean"}, ("cofiring_pairs", "frac_w2"))])
+def test_token_path_kernels_and_large_n_counting_agree(monkeypatch, name, settings, keys):
     """The per-token penalty's kernels (the full Gram at small n; gathered rows per token, in one or several
     chunks) and occurrence counts by sort (the path for n^2 above the count table) give the same value,
     gradient and statistics; the Gram one matches the dense reference in the tests above."""
     import trainers.competition as comp
 
-    tr, acts = make("progressive", 4, theta0=0.3, lambda2_max=0.5)
+    tr, acts = make(name, 4, **settings)
     _, _, latents, _, codes = tr.base_loss(acts, 0.2)
+    state = {key: value.clone() for key, value in tr.extra_state().items() if torch.is_tensor(value)}
 
     def run():
+        tr.load_extra_state({**tr.extra_state(), **state})  # momentum's m: each call starts from the same one
         value, stats = tr.penalty(latents, 0.2, codes)
         (grad,) = torch.autograd.grad(value, tr.sae.W_dec)
-        return value.detach(), grad, *(stat(stats[key]) for key in ("cofiring_pairs", "pairs_c_pos", "mean_c"))
+        return value.detach(), grad, *(stat(stats[key]) for key in keys)
 
     gram = run()
     monkeypatch.setattr(comp, "GRAM_MAX_LATENTS", 0)  # per token, one chunk

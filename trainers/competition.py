@@ -191,17 +191,20 @@ class TokenPairs:
         return self._counts
 
     @torch.no_grad()
-    def overlap_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C, N): the co-firing counts C_ij and overlaps n_ij = C_ij / min(a_i, a_j) as dense n x n float32
-        tables (both orders, zero diagonal, zero where a pair never co-fires): one scatter of the occurrences,
-        for the Gram path, where each trainer's coefficients are then taken elementwise."""
+    def table(self, values_Bkk: torch.Tensor) -> torch.Tensor:
+        """sum_{occurrences of (i, j)} v as a dense n x n float32 table (both orders; v must be 0 where not
+        both, the diagonal included): one scatter, for the Gram path."""
         n = self.fires_F.shape[0]
         keys = self.idx_Bk[:, :, None] * n + self.idx_Bk[:, None, :]
-        # every occurrence scattered with weight 1 where both fire, 0 elsewhere: cheaper than compacting
-        C_FF = torch.zeros(n * n, dtype=torch.float32, device=keys.device).index_add_(
-            0, keys.flatten(), self.both_Bkk.flatten().float()).view(n, n)
-        inv_F = 1 / self.fires_F.float().clamp_min(1)  # 1 / min(a_i, a_j) = max(1 / a_i, 1 / a_j)
-        return C_FF, torch.maximum(inv_F[:, None], inv_F[None, :]).mul_(C_FF)
+        # every occurrence scattered, zeros included: cheaper than compacting
+        return torch.zeros(n * n, dtype=torch.float32, device=keys.device).index_add_(
+            0, keys.flatten(), values_Bkk.flatten().float()).view(n, n)
+
+    @torch.no_grad()
+    def overlap_share_Bkk(self) -> torch.Tensor:
+        """n_ij / C_ij at every occurrence, i.e. 1 / min(a_i, a_j) (0 where not both): its sum over the
+        occurrences of a pair is n_ij, so sums over occurrences weighted by it are sums over pairs."""
+        return self.both_Bkk / self.min_fires_Bkk
 
     def n_pairs(self) -> int:
         """Distinct co-firing pairs: each has C_ij occurrences, each counted twice (r, s and s, r)."""
@@ -258,7 +261,9 @@ class _GramAbsCosine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W_dec, K_FF, dtype):
         W = W_dec.to(dtype)
-        KS_FF = K_FF.copysign_(W @ W.T).to(dtype)  # K is this call's own: signed in place (K >= 0)
+        # K >= 0 is this call's own: signed in place after the cast to the matmul dtype (a bf16 copysign
+        # moves half the bytes; the same values, as the sign does not change the rounding)
+        KS_FF = K_FF.to(dtype).copysign_(W @ W.T)
         KSW_FD = (KS_FF @ W).float()
         ctx.save_for_backward(KSW_FD)
         return (KSW_FD * W_dec).sum()
@@ -284,9 +289,19 @@ def token_pair_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.
     return _TokenPairAbsCosine.apply(W_dec, pairs.idx_Bk, omega_Bkk.float(), dtype) / n
 
 
+def occurrence_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(1/n) sum_{i != j} coef_ij s_ij given omega = coef_ij / C_ij at every occurrence (0 where not both):
+    the Gram on the scattered table where gram_wanted, else per token."""
+    B, k = pairs.idx_Bk.shape
+    if gram_wanted(n, B, k):
+        return gram_penalty(W_dec, pairs.table(omega_Bkk), n, dtype)
+    return token_pair_penalty(W_dec, pairs, omega_Bkk, n, dtype)
+
+
 def gram_penalty(W_dec: torch.Tensor, coef_FF: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(1/n) sum_{i != j} coef_ij s_ij for a dense symmetric coef >= 0 with a zero diagonal (consumed: it
-    is overwritten with its signed copy)."""
+    """(1/n) sum_{i != j} coef_ij s_ij for a dense symmetric coef >= 0 with a zero diagonal (consumed: in
+    float32 it is overwritten with its signed copy)."""
     return _GramAbsCosine.apply(W_dec, coef_FF, dtype) / n
 
 

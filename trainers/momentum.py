@@ -21,7 +21,7 @@ import torch
 
 from trainers.base import register
 from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
-                                  gram_penalty, gram_wanted, per_latent_sum, token_pair_penalty)
+                                  occurrence_penalty, per_latent_sum)
 from workbench.config import ConfigError, configclass, param
 
 
@@ -53,15 +53,9 @@ class MomentumTrainer(CompetitionTrainer):
     def penalty(self, latents_BF, progress, codes=None):
         cfg, n = self.cfg, self.sae.d_sae
         tokens = self.token_pairs(codes)
-        table = tokens is not None and gram_wanted(n, *tokens.idx_Bk.shape)
         with torch.no_grad():
-            if table:  # c_ij on the n x n count table (the Gram path)
-                C_FF, c_FF = tokens.overlap_table()  # c_ij = n_ij
-                signal_F = c_FF.sum(1)
-                if cfg.normalize == "mean":  # distinct partners
-                    signal_F = signal_F / torch.count_nonzero(C_FF, dim=1).clamp_min(1)
-            elif tokens is not None:  # c_ij = C_ij / min(a_i, a_j): 1 / min(a_i, a_j) per occurrence
-                c_occ = tokens.both_Bkk / tokens.min_fires_Bkk
+            if tokens is not None:  # c_ij / C_ij per occurrence: its sums over occurrences are sums over pairs
+                c_occ = tokens.overlap_share_Bkk()
                 signal_F = tokens.per_latent_sum(c_occ)
                 if cfg.normalize == "mean":  # distinct partners: 1 / C_ij per occurrence
                     signal_F = signal_F / tokens.per_latent_sum(1 / tokens.counts_Bkk()).round().clamp_min(1)
@@ -74,14 +68,10 @@ class MomentumTrainer(CompetitionTrainer):
             self.momentum_F.mul_(cfg.beta).add_((1 - cfg.beta) * signal_F)
             cut = self.momentum_F.float().quantile(cfg.tau) if cfg.normalize == "quantile" else cfg.tau
             w_F = 1.0 + (self.momentum_F > cut).float()
-        if table:
-            coef_FF = c_FF.mul_(w_F[:, None] + w_F[None, :])
-            value = cfg.lambda2 * gram_penalty(self.sae.W_dec, coef_FF, n, self.penalty_dtype())
-            n_pairs = lambda: int(torch.count_nonzero(C_FF)) // 2  # noqa: E731  (logged steps only)
-        elif tokens is not None:
+        if tokens is not None:
             w_Bk = w_F[tokens.idx_Bk]
-            omega = (w_Bk[:, :, None] + w_Bk[:, None, :]) * c_occ
-            value = cfg.lambda2 * token_pair_penalty(self.sae.W_dec, tokens, omega, n, self.penalty_dtype())
+            omega = (w_Bk[:, :, None] + w_Bk[:, None, :]).mul_(c_occ)
+            value = cfg.lambda2 * occurrence_penalty(self.sae.W_dec, tokens, omega, n, self.penalty_dtype())
             n_pairs = tokens.n_pairs  # counted only when logged (a dedup of the occurrences)
         else:
             coef_P = (w_F[pairs.i] + w_F[pairs.j]) * c_P

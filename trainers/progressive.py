@@ -55,13 +55,12 @@ class ProgressiveTrainer(CompetitionTrainer):
         n = self.sae.d_sae
         self._last_latents = latents_BF.detach()
         tokens = self.token_pairs(codes)
-        if tokens is not None and gram_wanted(n, *tokens.idx_Bk.shape):  # c_ij on the n x n count table
-            with torch.no_grad():
-                C_FF, overlap_FF = tokens.overlap_table()
-                c_FF = overlap_FF.sub_(thr).div_(thr).clamp_(0, 1)  # 0 where C_ij = 0 (thr > 0)
+        if tokens is not None and gram_wanted(n, *tokens.idx_Bk.shape):  # c_ij on the n x n table of n_ij
+            with torch.no_grad():  # c_ij is not linear in n_ij: the table first, then c elementwise
+                c_FF = tokens.table(tokens.overlap_share_Bkk()).mul_(1 / thr).sub_(1).clamp_(0, 1)  # 0 where n_ij = 0
             value = lam * gram_penalty(self.sae.W_dec, c_FF, n, self.penalty_dtype())
-            # logged steps only; gram_penalty signed c_FF in place, which keeps its zeros and |c|
-            n_pairs = lambda: int(torch.count_nonzero(C_FF)) // 2  # noqa: E731
+            # logged steps only; gram_penalty may have signed c_FF in place, which keeps its zeros and |c|
+            n_pairs = tokens.n_pairs
             n_pos = lambda: int(torch.count_nonzero(c_FF)) // 2  # noqa: E731
             mean_c = lambda: c_FF.abs().sum().item() / 2 / max(n_pos(), 1)  # noqa: E731
         elif tokens is not None:  # c_ij at every occurrence; the sums over pairs weigh each by 1 / C_ij
