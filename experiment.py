@@ -21,7 +21,7 @@ from pathlib import Path
 
 import evals
 import trainers
-from workbench import distributed
+from workbench import cpu_memory, distributed
 from workbench.config import (ConfigError, RunConfig, absolute_path, config_reference, config_to_dict, load_config,
                               preflight, sweep_runs)
 from workbench.record import append_notes, headline, notes_line  # noqa: F401  (notes_line: part of the CLI's API)
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(config_reference(), end="")
         return 0
     out_dir = absolute_path(args.out_dir)  # resolved once: nothing below depends on the working directory
+    cpu_memory.keep_freed_memory()  # large step temporaries reused, not page-faulted in anew each step
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank parses alike; one reports
     try:
         cfg, ckpt = resolve_run(args, out_dir)

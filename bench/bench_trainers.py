@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evals  # noqa: E402,F401  (registers the evals with the config loader)
 from trainers import make_trainer  # noqa: E402
 from workbench.config import config_from_dict  # noqa: E402
+from workbench.cpu_memory import keep_freed_memory  # noqa: E402
 from workbench.sae_ops import sparse_step_wanted  # noqa: E402
 
 TRAINER_SETTINGS = {
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--trainers", nargs="+", default=list(TRAINER_SETTINGS), choices=list(TRAINER_SETTINGS),
                    help="which trainers (topk, the reference for the ratios, always runs first)")
     args = p.parse_args(argv)
+    keep_freed_memory()  # as experiment.py does
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     roof = matmul_gflops(device, getattr(torch, args.dtype))
     print(f"device={device} threads={torch.get_num_threads()} dtype={args.dtype}: "

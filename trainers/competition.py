@@ -247,9 +247,10 @@ class _TokenPairAbsCosine(torch.autograd.Function):
         W = W_dec.to(ctx.dtype)
         grad = torch.zeros_like(W_dec)
         for lo, hi, rows in _TokenPairAbsCosine._chunk_rows(W, idx_Bk):
-            dS = (omega_Bkk[lo:hi] * torch.bmm(rows, rows.transpose(1, 2)).float().sign()).to(ctx.dtype)
-            grad.index_add_(0, idx_Bk[lo:hi].flatten(), (2 * torch.bmm(dS, rows)).flatten(0, 1).to(grad.dtype))
-        return grad_out * grad, None, None, None
+            # the scalars go into the k x k factor, not over the (tokens, k, D) product
+            dS = (omega_Bkk[lo:hi] * torch.bmm(rows, rows.transpose(1, 2)).float().sign()).mul_(2 * grad_out)
+            grad.index_add_(0, idx_Bk[lo:hi].flatten(), torch.bmm(dS.to(ctx.dtype), rows).flatten(0, 1).to(grad.dtype))
+        return grad, None, None, None
 
 
 class _GramAbsCosine(torch.autograd.Function):
