@@ -103,3 +103,21 @@ def test_encoder_gradients_equal_autograd_through_the_input(sparse):
     vals_B5.mul(weight_BF[:, :5]).sum().backward()
     for ref, got in zip(params, ours):
         torch.testing.assert_close(got.grad, ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("by_rows", [True, False])
+def test_encoder_weight_grad_both_layouts_equal_the_dense_product(by_rows):
+    """dW_enc = sae_in^T G at the entries: dense @ CSR (the CPU's, written in W_enc's layout) and the transposed
+    COO product (elsewhere), against the dense matrix product; rows with different entry counts (BatchTopK)."""
+    from workbench.sae_ops import encoder_weight_grad
+    g = torch.Generator().manual_seed(0)
+    B, D, n = 9, 5, 40
+    keep = torch.rand(B, n, generator=g) < torch.linspace(0.05, 0.5, B)[:, None]
+    rows_E, idx_E = keep.nonzero(as_tuple=True)
+    g_E = torch.randn(rows_E.numel(), generator=g)
+    x_BD = torch.randn(B, D, generator=g)
+    G_BF = torch.zeros(B, n).index_put_((rows_E, idx_E), g_E)
+    got = encoder_weight_grad(x_BD, rows_E, idx_E, g_E, n, by_rows=by_rows)
+    torch.testing.assert_close(got, x_BD.T @ G_BF)
+    if by_rows:
+        assert got.is_contiguous()  # no transposing copy left for autograd

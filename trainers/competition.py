@@ -10,17 +10,12 @@ active latents (sum_b L0_b^2 / 2 pair occurrences), deduplicated with their coun
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from workbench.sae_ops import max_cosine
-
-# torch marks CSR support as beta and warns once per process; the ops used here are covered by tests.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
 
 
 @dataclass
