@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import experiment  # noqa: E402
 from workbench.config import load_config  # noqa: E402
+from workbench.cpu_memory import keep_freed_memory  # noqa: E402
 
 QS = str(ROOT / "run_configs" / "quickstart.toml")
 
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=400_000)
     p.add_argument("--skip-saelens", action="store_true")
     args = p.parse_args(argv)
+    keep_freed_memory()  # as experiment.py does; both projects run in this process, so both get it
     tmp = Path(tempfile.mkdtemp(prefix="sae_wb_bench_"))
     base = [f"data.train_tokens={args.tokens}", f"cache.dir='{tmp / 'cache'}'"]
     try:
