@@ -105,7 +105,9 @@ def test_read_ahead_keeps_order_and_loses_nothing_on_close_and_reraises():
 
     p = PrefetchingIterator(writer_wrap(src), prefetch=2)
     got = [next(p), next(p)]
-    time.sleep(0.2)  # let it fill its queue
+    deadline = time.monotonic() + 10
+    while len(seen) < 4 and time.monotonic() < deadline:  # let it fill its queue (polled: CI machines are slow)
+        time.sleep(0.01)
     p.close()
     assert not p._thread.is_alive()
     assert got == [0, 1] and len(seen) >= 4 and seen + list(src) == list(range(10))  # nothing lost or repeated
@@ -130,7 +132,9 @@ def test_read_ahead_close_after_the_source_ran_out_with_a_full_queue():
 
     src = iter(range(2))
     p = PrefetchingIterator(src, prefetch=2)
-    time.sleep(0.3)  # the source is exhausted; the queue is full; the end marker waits
+    deadline = time.monotonic() + 10
+    while p._queue.qsize() < 2 and time.monotonic() < deadline:  # the source is exhausted; the queue is full;
+        time.sleep(0.01)                                         # the end marker waits
     done = threading.Event()
     threading.Thread(target=lambda: (p.close(), done.set()), daemon=True).start()
     assert done.wait(5), "close() hung"
