@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from workbench.sae_ops import max_cosine
+from workbench.sae_ops import csr, max_cosine
 
 
 @dataclass
@@ -98,20 +98,13 @@ def cofiring_pairs(latents_BF: torch.Tensor, method: str = "auto") -> CoFiring:
     return CoFiring(i, j, counts, overlap, fires_F)
 
 
-def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """n x n CSR matrix from entries already sorted by (row, col): no sort, no coalesce."""
-    crow = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
-    return torch.sparse_csr_tensor(crow, cols, values, (n, n), check_invariants=False)
-
-
 @torch.no_grad()
 def pair_dots(W_dec: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """d_i . d_j for pairs sorted by (i, j): a sampled matmul (SDDMM) on the pairs' sparsity pattern,
     d flops per pair, no gathered (P, d) temporaries."""
     if i.numel() == 0:
         return W_dec.new_zeros(0)
-    pattern = _csr(i, j, W_dec.new_zeros(i.numel()), W_dec.shape[0])
+    pattern = csr(i, j, W_dec.new_zeros(i.numel()), (W_dec.shape[0],) * 2)
     return torch.sparse.sampled_addmm(pattern, W_dec, W_dec.T, beta=0.0).values()
 
 
@@ -133,9 +126,9 @@ class _WeightedAbsCosine(torch.autograd.Function):
         n = W_dec.shape[0]
         if i.numel() == 0:
             return torch.zeros_like(W_dec), None, None, None
-        upper = _csr(i, j, k, n)
+        upper = csr(i, j, k, (n, n))
         by_col = torch.argsort(j * n + i)
-        lower = _csr(j[by_col], i[by_col], k[by_col], n)
+        lower = csr(j[by_col], i[by_col], k[by_col], (n, n))
         return grad_out * (upper @ W_dec + lower @ W_dec), None, None, None
 
 

@@ -113,6 +113,14 @@ def encoder_pre_acts(sae_in_BD: torch.Tensor, W_enc_DF: torch.Tensor, b_enc_F: t
         return torch.addmm(bias_F, sae_in_BD, W_enc_DF), bias_F
 
 
+def csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A CSR matrix from entries already sorted by row (and by column within a row where the op needs it):
+    no sort, no coalesce."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
+    return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
 def encoder_weight_grad(sae_in_BD: torch.Tensor, rows_E: torch.Tensor, idx_E: torch.Tensor, g_E: torch.Tensor, n: int,
                         by_rows: bool | None = None) -> torch.Tensor:
     """dW_enc (D, n) = sae_in^T G for G (B, n) nonzero only at the entries (rows_E sorted). by_rows (the default
@@ -123,10 +131,7 @@ def encoder_weight_grad(sae_in_BD: torch.Tensor, rows_E: torch.Tensor, idx_E: to
     if by_rows is None:
         by_rows = sae_in_BD.device.type == "cpu"
     if by_rows:
-        crow = torch.zeros(B + 1, dtype=torch.long, device=rows_E.device)
-        crow[1:] = torch.cumsum(torch.bincount(rows_E, minlength=B), 0)
-        G_BF = torch.sparse_csr_tensor(crow, idx_E, g_E, (B, n), check_invariants=False)
-        return torch.mm(sae_in_BD.T, G_BF)
+        return torch.mm(sae_in_BD.T, csr(rows_E, idx_E, g_E, (B, n)))
     G_FB = torch.sparse_coo_tensor(torch.stack([idx_E, rows_E]), g_E, (n, B), check_invariants=False)
     return torch.sparse.mm(G_FB, sae_in_BD).T
 
