@@ -151,7 +151,8 @@ def test_nan_stops_the_run_naming_the_step(topk_run, cache_dir, tmp_path, capsys
     out = tmp_path / "run_nan"
     rc = experiment.main([f"--out_dir={out}", "--config", "run_configs/quickstart.toml",
                           *sets(TINY + ["trainer.k=16", f"cache.dir='{cache_dir}'", "eval.types=[]",
-                                        "trainer.lr=1e30", "trainer.warmup_steps=0", "trainer.grad_clip=0.0"])])
+                                        "trainer.lr=1e30", "trainer.warmup_steps=0", "trainer.grad_clip=0.0",
+                                        "data.prefetch_chunks=2"])])  # a reader thread (auto reads in turn on a CPU)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "at step" in err[0] and "trainer.lr" in err[0]
     assert not (out / "final_info.json").exists() and "at step" in (out / "failed.txt").read_text()

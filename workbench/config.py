@@ -15,9 +15,10 @@ import os
 import re
 import sys
 import tomllib
+import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import tomli_w
 from pydantic import ConfigDict, Field, ValidationError
@@ -92,9 +93,10 @@ class DataConfig:
     buffer_batches: int = param(32, "shuffling buffer size, in SAE batches; tokens from many contexts mix there", ge=1)
     eval_fraction: float = param(0.05, "fraction of documents held out for evaluation and never trained on", gt=0, lt=0.5)
     norm_tokens: int = param(100_000, "tokens used to estimate the normalization scale s (E||s x||^2 = d)", ge=1)
-    prefetch_chunks: int = param(2, "LM batches produced ahead in a background thread while the SAE trains "
-                                    "(0 = in turn); same batches, same result; 1.23x faster cold runs on a 2-core CPU",
-                                 ge=0)
+    prefetch_chunks: Annotated[int, Field(ge=0)] | Literal["auto"] = param(
+        "auto", "chunks (LM batches or cache reads) produced ahead in a background thread while the SAE trains; "
+                "0 = in turn; auto = 2 on a GPU, 0 on a CPU, where the reader's threads would take the SAE step's "
+                "cores (in turn measured faster there: cold and warm runs, 2 cores); same batches either way")
 
 
 @configclass
@@ -189,11 +191,22 @@ class RunConfig:
 def _type_name(annot: Any) -> str:
     """int, float, list[int], "a" | "b" (a Literal's choices), list["a" | "b"]."""
     origin, args = typing.get_origin(annot), typing.get_args(annot)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Annotated:  # a union member with its own bounds: int >= 0
+        return " ".join([_type_name(args[0]), *_bounds_text(m for f in args[1:] for m in f.metadata)])
     if origin is Literal:
         return " | ".join(json.dumps(a) for a in args)
     if origin is list and args:
         return f"list[{_type_name(args[0])}]"
     return getattr(annot, "__name__", str(annot))
+
+
+def _bounds_text(metadata) -> list[str]:
+    """pydantic's bound objects as ["≥0", "<1"]."""
+    return [f"{k}{v}" for m in metadata for k, v in (("≥", getattr(m, "ge", None)), (">", getattr(m, "gt", None)),
+                                                    ("≤", getattr(m, "le", None)), ("<", getattr(m, "lt", None)))
+            if v is not None]
 
 
 def _one_line(err: dict, cls: type, prefix: str) -> str:
@@ -203,6 +216,9 @@ def _one_line(err: dict, cls: type, prefix: str) -> str:
     where = f" item {loc[1]}" if len(loc) > 1 else ""
     kind, got, ctx = err["type"], err.get("input"), err.get("ctx", {})
     fields = config_fields(cls)
+    if len(loc) > 1 and typing.get_origin(fields[loc[0]].annotation) in (typing.Union, types.UnionType):
+        # pydantic reports each member's complaint (loc[1] names the member): say what the key takes
+        return f"config key '{key}' must be {_type_name(fields[loc[0]].annotation)}, got {got!r}"
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         close = [k for k in fields if k.startswith(loc[0][:3])]
         hint = f" (did you mean {', '.join(prefix + '.' + c if prefix else c for c in close)}?)" if close else ""
@@ -418,9 +434,7 @@ def config_reference() -> str:
             if isinstance(info.default_factory, type) and dataclasses.is_dataclass(info.default_factory):
                 out += ["", f"[{prefix}{name}]  {info.description}"] + rows(info.default_factory, f"{prefix}{name}.")
             elif name not in ("trainer", "sweep"):
-                bounds = " ".join(f"{k}{v}" for m in info.metadata for k, v in
-                                  (("≥", getattr(m, "ge", None)), (">", getattr(m, "gt", None)),
-                                   ("≤", getattr(m, "le", None)), ("<", getattr(m, "lt", None))) if v is not None)
+                bounds = " ".join(_bounds_text(info.metadata))
                 kind = _type_name(info.annotation) + (f" {bounds}" if bounds else "")
                 out.append(f"  {prefix}{name} = {_default_text(info)}  ({kind})\n      {info.description}")
         return out

@@ -86,6 +86,14 @@ def stream_description(cfg: RunConfig, device: torch.device) -> dict:
             "tokens": stream_tokens(cfg)}
 
 
+def read_ahead_depth(prefetch_chunks: int | str, device: torch.device) -> int:
+    """data.prefetch_chunks resolved: auto reads 2 chunks ahead on a GPU (the CPU is free to feed it while
+    the kernels run) and none on a CPU, where the reader's threads would take the cores the SAE step uses."""
+    if prefetch_chunks == "auto":
+        return 2 if device.type == "cuda" else 0
+    return prefetch_chunks
+
+
 class ActivationStream:
     """The run's activation chunks (in the LM's dtype, harvest order): read from the cache when a complete entry
     exists for this key, else produced by the LM (and stored when caching is on). skip_chunks drops the
@@ -108,6 +116,7 @@ class ActivationStream:
         root = Path(cfg.cache.dir) if cfg.cache.dir else cache_root(cfg.model) / "activations"
         self.cache = ActivationCache(root, int(cfg.cache.max_gb * 2**30))
         self.writer = self.prefetch = None
+        self.read_ahead = read_ahead_depth(d.prefetch_chunks, device)
         dist_ctx = distributed.ctx()
         meta = None
         if cfg.cache.enabled:  # one rank checks (and clears a broken entry); every rank reads a good one
@@ -115,7 +124,7 @@ class ActivationStream:
         if meta is not None:
             self.source = f"cache:{self.key}"
             self.chunks = itertools.islice(self.cache.read(self.key, meta, device), skip_chunks, None)
-            self._read_ahead(d.prefetch_chunks)
+            self._read_ahead(self.read_ahead)
             return
         self.source = "lm"
         self.epochs = [0]
@@ -134,7 +143,7 @@ class ActivationStream:
         self._raw = harvest(hook_forward, contexts, d.llm_batch_size, special, out_device=device)
         self.chunks = self._raw
         if dist_ctx.distributed:
-            self._read_ahead(d.prefetch_chunks)  # this rank's LM work, ahead; the gathers stay in this thread
+            self._read_ahead(self.read_ahead)  # this rank's LM work, ahead; the gathers stay in this thread
             self._raw = self.chunks = distributed.gathered_chunks(
                 self.chunks, skip_chunks, hook_forward.d_model,
                 torch.empty(0, device=device, dtype=str_to_dtype(cfg.model.dtype)))
@@ -145,7 +154,7 @@ class ActivationStream:
             self.writer = self.cache.writer(self.key, self.n_tokens, describe, store, dry=not dist_ctx.main)
             self.chunks = self.writer.wrap(self._raw)
         if not dist_ctx.distributed:
-            self._read_ahead(d.prefetch_chunks)
+            self._read_ahead(self.read_ahead)
 
     def _read_ahead(self, depth: int) -> None:
         """Produce the next chunks in a background thread while the trainers step (same order): the LM
