@@ -19,6 +19,10 @@ import sys
 import traceback
 from pathlib import Path
 
+if __name__ == "__main__":  # before torch loads: libgomp reads its wait policy once
+    from workbench.cpu_share import wait_passively_if_shared
+    wait_passively_if_shared()  # a second run on the same CPU waits passively instead of spinning
+
 import evals
 import trainers
 from workbench import cpu_memory, distributed

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import time
 from datetime import datetime, timezone
@@ -155,7 +156,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
         "embedded_sources": cfg.data.embedded_sources if cfg.data.dataset == "embedded" else None,
         "context_size": cfg.data.context_size, "train_tokens": stats["tokens"], "seed": cfg.seed,
         "normalization_scale": scaler.scale, "activation_source": stream.source,
-        "read_ahead_chunks": stream.read_ahead,
+        "read_ahead_chunks": stream.read_ahead, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default"),
         "resumed_from_step": ckpt["loop"]["next_step"] if ckpt else None,
         "wall_time_s": wall, "model_load_s": lm.load_s, "train_wall_s": train_s,
         "train_tokens_per_s": stats["tokens_per_s"], "eval_wall_s": wall - lm.load_s - train_s,
