@@ -16,18 +16,15 @@ def probe(env_extra: dict) -> str:
                           text=True, check=True).stdout.strip()
 
 
-def test_the_first_run_spins_a_second_waits_passively_and_a_users_policy_stands(tmp_path):
+def test_the_first_run_spins_a_second_waits_passively_and_a_users_policy_stands(tmp_path, monkeypatch):
+    import tempfile
+
+    from workbench.cpu_share import lock_path
+
     env = {"TMPDIR": str(tmp_path)}  # a lock of this test's own, not the machine's
     assert probe(env) == "False None"  # alone: libgomp's default (spinning)
-    from workbench.cpu_share import lock_path
-    import tempfile
-    old = tempfile.tempdir
-    tempfile.tempdir = str(tmp_path)
-    try:
-        path = lock_path()
-    finally:
-        tempfile.tempdir = old
-    with open(path, "a+") as held:  # another run holds the machine
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the probes' TMPDIR puts the lock
+    with open(lock_path(), "a+") as held:  # another run holds the machine
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert probe(env) == "True PASSIVE"
         assert probe({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "False ACTIVE"
