@@ -2,6 +2,7 @@
 
     python bench/bench_trainers.py [--steps 5] [--sizes quickstart gemma2] [--dtype bfloat16|float32]
 
+topk_auxk is topk with AuxK at work: 3% of its latents held dead (real runs get there once latents die).
 Sizes: the quickstart's SAE (640 x 2048, B 1024, k 32) and Gemma-2-2B's (2304 x 16384; see SIZES).
 Activations are synthetic but structured (sparse codes over a random dictionary plus noise), so the
 co-firing pattern, and with it the competition cost, resembles real SAE training.
@@ -34,6 +35,10 @@ TRAINER_SETTINGS = {
     "c2r": {"name": "c2r", "base": "topk", "lam": 1.0},
     "c2r_bf16search": {"name": "c2r", "base": "topk", "lam": 1.0, "search_dtype": "bfloat16"},
 }
+# topk with AuxK on: this fraction of the latents held dead (their counters frozen), as once a real run's
+# latents start to die (AuxK's dead-latent block or bag is then part of every step)
+AUXK_DEAD_FRAC = 0.03
+TRAINER_SETTINGS["topk_auxk"] = {"name": "topk"}
 NO_K = {"jumprelu"}  # sparsity set by its L0 penalty (init_l0 = k), not a k key
 # (d, n, B, k) per device: the quickstart's SAE, and Gemma-2-2B's (2304 x 16384; B 4096 and k 64 / 320 on a
 # GPU, B 1024 and k 64 on a CPU, where a B-4096 dense step takes seconds)
@@ -59,8 +64,12 @@ def make(name: str, d: int, n: int, B: int, k: int, device, compute_dtype: str, 
                             "trainer": {**TRAINER_SETTINGS[name], "warmup_steps": 0,
                                         **({"init_l0": float(k)} if name in NO_K else {"k": k})}})
     acts = synthetic_acts(B * 4, d, device)
-    return make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=1000, total_tokens=1000 * B, init_acts_BD=acts[:B],
-                        seed=0, device=device, compute_dtype=compute_dtype, sparse_step=sparse_step), acts
+    trainer = make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=1000, total_tokens=1000 * B, init_acts_BD=acts[:B],
+                           seed=0, device=device, compute_dtype=compute_dtype, sparse_step=sparse_step)
+    if name == "topk_auxk":
+        trainer.tokens_since_fired_F[:int(AUXK_DEAD_FRAC * n)] = trainer.dead_after_tokens
+        trainer.count_step = lambda out: None  # the dead set stays as it is
+    return trainer, acts
 
 
 def time_interleaved(trainers: list, acts: torch.Tensor, B: int, steps: int) -> tuple[list[float], list[dict]]:

@@ -18,8 +18,8 @@ SETTINGS = {
 }
 
 
-def pair(name, compute_dtype="float32", d=16, n=64, B=64):
-    cfg = tiny_run_config(k=4, k_aux=6, warmup_steps=0, **SETTINGS[name])
+def pair(name, compute_dtype="float32", d=16, n=64, B=64, k_aux=6):
+    cfg = tiny_run_config(k=4, k_aux=k_aux, warmup_steps=0, **SETTINGS[name])
     acts = torch.randn(4 * B, d, generator=torch.Generator().manual_seed(1))
     made = [make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=50, total_tokens=50 * B, init_acts_BD=acts,
                          seed=0, compute_dtype=compute_dtype, sparse_step=mode) for mode in ("off", "on")]
@@ -36,9 +36,11 @@ def grads(trainer, x):
     return out, [p.grad.clone() for p in trainer.params]
 
 
+# AuxK: k_aux 6 < 10 dead latents (the sparse step's top-k_aux bag) and 16 >= 10 (every dead latent, a block)
+@pytest.mark.parametrize("k_aux", [6, 16])
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_sparse_step_equals_dense(name):
-    (dense, sparse), batches = pair(name)
+def test_sparse_step_equals_dense(name, k_aux):
+    (dense, sparse), batches = pair(name, k_aux=k_aux)
     assert not dense.sparse_step and sparse.sparse_step
     out_d, g_d = grads(dense, batches[0])
     out_s, g_s = grads(sparse, batches[0])
@@ -57,13 +59,14 @@ def test_sparse_step_equals_dense(name):
     assert torch.equal(dense.tokens_since_fired_F, sparse.tokens_since_fired_F)
 
 
+@pytest.mark.parametrize("k_aux", [6, 16])
 @pytest.mark.parametrize("name", ["topk", "batchtopk"])
-def test_sparse_step_in_bfloat16_is_as_close_to_float32_as_the_dense_step(name):
+def test_sparse_step_in_bfloat16_is_as_close_to_float32_as_the_dense_step(name, k_aux):
     """Under bf16 autocast both steps round; the sparse one (float32 accumulation in its bags and
     index_adds) may not stray further from the float32 gradients than the dense one does."""
-    (ref, _), batches = pair(name, "float32")
+    (ref, _), batches = pair(name, "float32", k_aux=k_aux)
     _, g_ref = grads(ref, batches[0])
-    (dense16, sparse16), _ = pair(name, "bfloat16")
+    (dense16, sparse16), _ = pair(name, "bfloat16", k_aux=k_aux)
     _, g_d = grads(dense16, batches[0])
     _, g_s = grads(sparse16, batches[0])
     for gr, gd, gs in zip(g_ref, g_d, g_s):
@@ -103,6 +106,33 @@ def test_encoder_gradients_equal_autograd_through_the_input(sparse):
     vals_B5.mul(weight_BF[:, :5]).sum().backward()
     for ref, got in zip(params, ours):
         torch.testing.assert_close(got.grad, ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k_aux", [3, 12])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_auxk_gradients_equal_plain_autograd(sparse, k_aux):
+    """AuxK alone (8 dead latents of 48; k_aux 3 selects among them, 12 takes all of them as one block): every
+    parameter's gradient equals plain autograd of the formula over a dense masked top-k, in both steps.
+    (The block path hands W_dec, and W_enc in the sparse step, a sparse gradient over the dead latents.)"""
+    from trainers.topk import auxk_loss
+    from workbench.sae_ops import Encoding, encoder_pre_acts
+    g = torch.Generator().manual_seed(5)
+    x, W, b_enc, b_dec, resid = (torch.randn(*s, generator=g) for s in [(32, 16), (16, 48), (48,), (16,), (32, 16)])
+    W_dec = torch.nn.functional.normalize(torch.randn(48, 16, generator=g), dim=1)
+    dead_F = torch.zeros(48, dtype=torch.bool)
+    dead_F[[1, 5, 7, 20, 21, 30, 40, 47]] = True
+    ref = [t.clone().requires_grad_() for t in (W, b_enc, b_dec, W_dec)]
+    pre_BF = ((x - ref[2]) @ ref[0] + ref[1]).masked_fill(~dead_F, float("-inf"))
+    top = pre_BF.topk(min(k_aux, 8), dim=1)
+    e_hat = torch.zeros(32, 48).scatter(1, top.indices, top.values.relu()) @ ref[3]
+    ((resid - e_hat).pow(2).sum() / (resid - resid.mean(0)).pow(2).sum()).backward()
+    ours = [t.clone().requires_grad_() for t in (W, b_enc, b_dec, W_dec)]
+    pre_BF, bias_F = encoder_pre_acts(x - b_dec, ours[0], ours[1], ours[2], grad=not sparse)
+    auxk_loss(resid, Encoding(pre_BF, x - b_dec, ours[0], bias_F, sparse), dead_F, k_aux, ours[3]).backward()
+    for name, r, o in zip(["W_enc", "b_enc", "b_dec", "W_dec"], ref, ours):
+        got = o.grad.to_dense() if o.grad.is_sparse else o.grad
+        torch.testing.assert_close(got, r.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert ours[3].grad.is_sparse == (k_aux >= 8 or not sparse)  # the block path's n_dead rows
 
 
 @pytest.mark.parametrize("by_rows", [True, False])

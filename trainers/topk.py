@@ -13,7 +13,7 @@ import torch
 from trainers.base import StepOutput, Trainer, TrainerConfig, reconstruction_loss, register
 from workbench import distributed
 from workbench.config import ConfigError, configclass, param
-from workbench.sae_ops import Encoding
+from workbench.sae_ops import Encoding, topk_relu
 
 
 @configclass
@@ -33,11 +33,17 @@ def auxk_loss(residual_BD: torch.Tensor, enc: Encoding, dead_F: torch.Tensor, k_
     """Normalized error of reconstructing the residual from the top-k_aux dead latents. Under torchrun the
     denominator (fixed: the residual is detached) is the global batch's, and the numerator is scaled by
     N so that the ranks' mean is the global ratio."""
-    n_dead = int(dead_F.sum())
+    dead_A = dead_F.nonzero().squeeze(1)
+    n_dead = len(dead_A)
     if n_dead == 0:
         return residual_BD.new_zeros(())
-    # the top k_aux among the dead latents only: B x n_dead work where a masked B x F would cost it all
-    e_hat_BD = enc.topk_codes(min(k_aux, n_dead), among=dead_F.nonzero().squeeze(1)).decode(W_dec_FD)
+    # B x n_dead work where a masked B x F would cost it all
+    if enc.sparse and k_aux < n_dead:  # the top k_aux dead latents per token, decoded by an embedding bag
+        e_hat_BD = enc.topk_codes(k_aux, among=dead_A).decode(W_dec_FD)
+    else:  # the dead latents' dense (B, n_dead) block: all of them (no selection) when k_aux >= n_dead
+        pre_BA = enc.column_pre_acts(dead_A)
+        act_BA = pre_BA.relu() if k_aux >= n_dead else topk_relu(pre_BA, k_aux)
+        e_hat_BD = act_BA @ torch.nn.functional.embedding(dead_A, W_dec_FD, sparse=True)  # a sparse gradient: n_dead rows
     scale = distributed.batch_scale()
     mean_D = residual_BD.mean(0) if scale == 1 else distributed.all_mean(residual_BD.mean(0))
     denom = distributed.all_sum((residual_BD - mean_D).pow(2).sum())

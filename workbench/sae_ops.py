@@ -161,29 +161,47 @@ class _SelectedPreActs(torch.autograd.Function):
         return None, None, grad_W, grad_b, None, None
 
 
+class _ColumnPreActs(torch.autograd.Function):
+    """pre[:, cols] for a few columns (AuxK's dead latents), its value taken from the dense (no-grad) encoder
+    forward; backward: dW_enc[:, cols] = sae_in^T G and db_enc[cols] = sum_b G (one small product in G's
+    dtype, the bf16 of autocast where the dense step's would be bf16 too), the other columns zero."""
+
+    @staticmethod
+    def forward(ctx, pre_BC, sae_in_BD, W_enc_DF, b_enc_F, cols_C):
+        ctx.save_for_backward(sae_in_BD, cols_C)
+        ctx.n = W_enc_DF.shape[1]
+        return pre_BC.clone()
+
+    @staticmethod
+    def backward(ctx, g_BC):
+        sae_in_BD, cols_C = ctx.saved_tensors
+        grad_W = grad_b = None
+        if ctx.needs_input_grad[2]:  # sparse: autograd adds it into the main path's dense gradient
+            block_DC = (sae_in_BD.to(g_BC.dtype).T @ g_BC).float()
+            D, C = block_DC.shape
+            where_2E = torch.stack([torch.arange(D, device=cols_C.device).repeat_interleave(C), cols_C.repeat(D)])
+            grad_W = torch.sparse_coo_tensor(where_2E, block_DC.flatten(), (D, ctx.n), is_coalesced=True,
+                                             check_invariants=False)
+        if ctx.needs_input_grad[3]:
+            grad_b = g_BC.new_zeros(ctx.n, dtype=torch.float32).index_copy_(0, cols_C, g_BC.float().sum(0))
+        return None, None, grad_W, grad_b, None
+
+
 class Codes:
     """One batch's latents f = ReLU(pre) at selected entries (rows_E, idx_E: row-major order), zero elsewhere.
-    latents_BF is the dense (B, F) matrix over `columns` (None: all F latents; AuxK's codes cover the dead
-    latents only), differentiable either way and made on first use: the dense step's decode is a product
-    with it, while the sparse step's decode is an embedding bag over the entries and never needs it."""
+    latents_BF is the dense (B, F) matrix, differentiable and made on first use: the dense step's decode is
+    a product with it, while the sparse step's decode is an embedding bag over the entries and never needs it."""
 
     def __init__(self, rows_E: torch.Tensor, idx_E: torch.Tensor, vals_E: torch.Tensor, shape: tuple[int, int],
-                 sparse: bool, columns: torch.Tensor | None = None):
-        self.rows_E, self.idx_E, self.vals_E, self.shape = rows_E, idx_E, vals_E, shape
-        self.sparse, self.columns = sparse, columns
+                 sparse: bool):
+        self.rows_E, self.idx_E, self.vals_E, self.shape, self.sparse = rows_E, idx_E, vals_E, shape, sparse
         self._latents_BF: torch.Tensor | None = None
 
     @property
     def latents_BF(self) -> torch.Tensor:
         if self._latents_BF is None:
-            B, F = self.shape
-            cols = self.idx_E
-            if self.columns is not None:
-                local_F = torch.empty(F, dtype=torch.long, device=cols.device)
-                local_F[self.columns] = torch.arange(len(self.columns), device=cols.device)
-                cols, F = local_F[cols], len(self.columns)
             # in place into fresh zeros: the out-of-place index_put would copy the B x F matrix once more
-            self._latents_BF = self.vals_E.new_zeros((B, F)).index_put_((self.rows_E, cols), self.vals_E)
+            self._latents_BF = self.vals_E.new_zeros(self.shape).index_put_((self.rows_E, self.idx_E), self.vals_E)
         return self._latents_BF
 
     @torch.no_grad()
@@ -195,8 +213,6 @@ class Codes:
     def decode(self, W_dec_FD: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """sum over latents lo..hi-1 of f_i d_i (no bias)."""
         if not self.sparse:
-            if self.columns is not None:
-                return self.latents_BF @ W_dec_FD[self.columns]
             return self.latents_BF[:, lo:hi] @ W_dec_FD[lo:hi]
         rows, idx, vals = self.rows_E, self.idx_E, self.vals_E
         if lo > 0 or hi is not None:
@@ -216,16 +232,21 @@ class Encoding:
     b_enc_F: torch.Tensor
     sparse: bool
 
-    def codes(self, rows_E: torch.Tensor, idx_E: torch.Tensor, columns: torch.Tensor | None = None) -> Codes:
-        """f = ReLU(pre) kept at the given entries (sorted by row), zero elsewhere; with `columns`, every
-        entry is among those latents and the dense step's matrix covers them only."""
+    def codes(self, rows_E: torch.Tensor, idx_E: torch.Tensor) -> Codes:
+        """f = ReLU(pre) kept at the given entries (sorted by row), zero elsewhere."""
         if self.sparse:
             pre_E = _SelectedPreActs.apply(self.pre_BF[rows_E, idx_E], self.sae_in_BD, self.W_enc_DF,
                                            self.b_enc_F, rows_E, idx_E)
         else:
             pre_E = self.pre_BF[rows_E, idx_E]
-        return Codes(rows_E, idx_E, pre_E.relu(), tuple(self.pre_BF.shape), self.sparse,
-                     None if self.sparse else columns)
+        return Codes(rows_E, idx_E, pre_E.relu(), tuple(self.pre_BF.shape), self.sparse)
+
+    def column_pre_acts(self, cols_C: torch.Tensor) -> torch.Tensor:
+        """pre[:, cols] as a dense (B, C) block, differentiable in both steps (AuxK's dead latents)."""
+        pre_BC = self.pre_BF.index_select(1, cols_C)
+        if not self.sparse:
+            return pre_BC
+        return _ColumnPreActs.apply(pre_BC, self.sae_in_BD, self.W_enc_DF, self.b_enc_F, cols_C)
 
     def topk_codes(self, k: int, among: torch.Tensor | None = None) -> Codes:
         """Each row's k largest pre-activations (among the given latents: AuxK's dead ones), ReLU'd."""
@@ -236,7 +257,7 @@ class Encoding:
         if among is not None:
             idx_BK = among[idx_BK]
         rows_E = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-        return self.codes(rows_E, idx_BK.flatten(), among)
+        return self.codes(rows_E, idx_BK.flatten())
 
     def mask_codes(self, keep_BF: torch.Tensor) -> Codes:
         """f = ReLU(pre) where keep_BF (e.g. BatchTopK's selection)."""
