@@ -1,6 +1,7 @@
 """The training harvest's fast forward (the HuggingFace model cut after the hook's layer) against
 TransformerLens's, on the embedded Gemma-3-270M and real held-out text."""
 import dataclasses
+import shutil
 
 import pytest
 
@@ -57,6 +58,9 @@ def test_hf_forward_in_bfloat16_is_as_close_to_float32_as_transformer_lens(forwa
     fwd, tokens_BT, keep_BT = forwards
     ref = fwd["transformer_lens", "float32"](tokens_BT)[keep_BT]
     err_tl = rel_err(fwd["transformer_lens", "bfloat16"](tokens_BT)[keep_BT], ref)
+    # bf16 on a CPU: the fused kernels (7 layers x (4 residual norms, q and k norms, the MLP) = 49 modules)
+    assert fwd["hf", "bfloat16"].fused_modules == (49 if shutil.which("cc") else 0)
+    assert fwd["hf", "float32"].fused_modules == 0
     err_hf = rel_err(fwd["hf", "bfloat16"](tokens_BT)[keep_BT], ref)
     assert err_tl < 0.05 and err_hf < 0.05, (err_tl, err_hf)  # bf16 keeps 8 mantissa bits; 18 ops deep
     assert err_hf <= 1.25 * err_tl, (err_hf, err_tl)

@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -164,10 +165,12 @@ class HFHookForward:
     def __init__(self, hf_model, tokenizer, cfg: ModelConfig):
         self.stack = hf_model.model  # the decoder stack, without the LM head
         self.stack.layers = self.stack.layers[:cfg.layer + 1]
+        self.stack.norm = torch.nn.Identity()  # the final norm's output is never read: the hook takes layer L's
         self.stack.layers[cfg.layer].register_forward_hook(self._grab)
         self.tokenizer, self.d_model = tokenizer, hf_model.config.hidden_size
         self.device = next(self.stack.parameters()).device
         self._acts = None
+        self.fused_modules = 0  # modules running the fused CPU kernels (load_hook_forward)
 
     def _grab(self, module, args, output):  # noqa: ARG002 (torch forward-hook signature)
         self._acts = output[0] if isinstance(output, tuple) else output
@@ -185,6 +188,34 @@ def harvest_path(cfg: ModelConfig) -> str:
     if cfg.harvest != "auto":
         return cfg.harvest
     return "hf" if cfg.name == EMBEDDED_MODEL and cfg.hook.endswith(".hook_resid_post") else "transformer_lens"
+
+
+_kernel_outcome: dict[Path, object] = {}  # cache dir -> the loaded kernels or why not (warned about once)
+
+
+def fused_kernels(cfg: ModelConfig, device: torch.device):
+    """The fused CPU kernels (workbench/cpu_kernels.py) where the hf harvest runs a Gemma-3 in bf16 on a CPU with
+    model.fused_kernels on, else None; where they cannot be built, one warning and None (torch's ops)."""
+    if not (cfg.fused_kernels and harvest_path(cfg) == "hf" and "gemma-3" in cfg.name and device.type == "cpu"
+            and cfg.dtype == "bfloat16"):
+        return None
+    from workbench import cpu_kernels
+
+    root = cache_root(cfg)
+    if root not in _kernel_outcome:
+        try:
+            _kernel_outcome[root] = cpu_kernels.load(root)
+        except cpu_kernels.Unavailable as e:
+            _kernel_outcome[root] = None
+            warnings.warn(f"fused CPU kernels off ({e}): the harvest uses torch's ops, ~1.6x slower per LM batch; "
+                          f"install a C compiler, or set model.fused_kernels=false to silence this", stacklevel=2)
+    return _kernel_outcome[root]
+
+
+def harvest_label(cfg: ModelConfig, device: torch.device) -> str:
+    """What computes the training activations, as the cache key and the provenance name it: transformer_lens,
+    hf, or hf+fused_cpu_kernels."""
+    return harvest_path(cfg) + ("+fused_cpu_kernels" if fused_kernels(cfg, device) is not None else "")
 
 
 def load_hook_forward(cfg: ModelConfig, tl_model=None):
@@ -207,7 +238,12 @@ def load_hook_forward(cfg: ModelConfig, tl_model=None):
     if cfg.layer >= hf.config.num_hidden_layers:
         raise ModelLoadError(f"config key 'model.hook': layer {cfg.layer} is out of range, "
                              f"{cfg.name} has layers 0-{hf.config.num_hidden_layers - 1}")
-    return HFHookForward(hf, tok, cfg)
+    forward = HFHookForward(hf, tok, cfg)
+    kernels = fused_kernels(cfg, device)
+    if kernels is not None:
+        from workbench.cpu_kernels import fuse_gemma3
+        forward.fused_modules = fuse_gemma3(forward.stack, kernels)
+    return forward
 
 
 def check_hook(model, cfg: ModelConfig) -> None:

@@ -20,7 +20,7 @@ from transformers import set_seed
 from workbench.activations import ActivationScaler, MixingBuffer
 from workbench import distributed
 from workbench.config import RunConfig, config_to_dict, sweep_runs, to_toml
-from workbench.lm import cache_root, harvest_path, resolve_device
+from workbench.lm import cache_root, harvest_label, resolve_device
 from workbench.phases import Phases
 from workbench.record import absorption_null_control, final_info
 from workbench.rundir import CHECKPOINT, FINAL_INFO, save_checkpoint, trim_log
@@ -152,7 +152,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
     # ---- the record: final_info.json last (its presence means the run finished)
     provenance = {
         "model": cfg.model.name, "hook": cfg.model.hook, "llm_dtype": cfg.model.dtype, "device": str(device),
-        "harvest_forward": harvest_path(cfg.model), "dataset": cfg.data.dataset,
+        "harvest_forward": harvest_label(cfg.model, device), "dataset": cfg.data.dataset,
         "embedded_sources": cfg.data.embedded_sources if cfg.data.dataset == "embedded" else None,
         "context_size": cfg.data.context_size, "train_tokens": stats["tokens"], "seed": cfg.seed,
         "normalization_scale": scaler.scale, "activation_source": stream.source,

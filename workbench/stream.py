@@ -75,11 +75,11 @@ def stream_tokens(cfg: RunConfig) -> int:
 
 def stream_description(cfg: RunConfig, device: torch.device) -> dict:
     """Everything that changes the stream's activations: the cache key is its hash."""
-    from workbench.lm import harvest_path
+    from workbench.lm import harvest_label
 
     d = cfg.data
     return {"model": cfg.model.name, "hook": cfg.model.hook, "llm_dtype": cfg.model.dtype,
-            "harvest": harvest_path(cfg.model),
+            "harvest": harvest_label(cfg.model, device),
             "device_type": device.type, "dataset": d.dataset, "split": d.split, "text_field": d.text_field,
             "embedded_sources": d.embedded_sources, "eval_fraction": d.eval_fraction,
             "context_size": d.context_size, "llm_batch_size": d.llm_batch_size, "seed": cfg.seed,

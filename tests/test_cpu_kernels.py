@@ -1,0 +1,101 @@
+"""The fused bf16 CPU kernels (workbench/cpu_kernels.c) against transformers' Gemma-3 modules and a float64
+reference: RMSNorm equal to the module's bf16 output up to one bf16 step of its float32 sums, GELU-tanh x up
+at least as close to the exactly rounded function as torch's own bf16 ops; and the fallback without a compiler."""
+import dataclasses
+import shutil
+
+import pytest
+import torch
+from transformers import Gemma3TextConfig
+from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP, Gemma3RMSNorm
+
+import evals  # noqa: F401  (registers the evals with the config loader)
+import trainers  # noqa: F401
+from workbench import cpu_kernels
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here: the kernels are not built")
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return cpu_kernels.load(tmp_path_factory.mktemp("kernel_cache"))
+
+
+def bf16_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of b's bf16 spacing (2^-7 relative)."""
+    a, b = a.double(), b.double()
+    return (a - b).abs() / (b.abs() * 2.0**-7).clamp_min(1e-30)
+
+
+@pytest.mark.parametrize("shape, scale", [((4, 33, 640), 3000.0), ((4, 9, 4, 256), 1.0)])
+def test_rms_norm_equals_gemma3s_module(lib, shape, scale):
+    """Residual-stream norms (rows of 640, norms in the thousands) and the q/k norms (rows of head_dim 256)."""
+    g = torch.Generator().manual_seed(0)
+    norm = Gemma3RMSNorm(shape[-1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g) * 0.5)
+    x = (torch.randn(*shape, generator=g) * scale).bfloat16()
+    ref = norm(x)
+    got = cpu_kernels.rms_norm(lib, x, (1.0 + norm.weight.detach().float()).contiguous(), norm.eps)
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+    assert (got == ref).float().mean() > 0.999  # the float32 sum of squares is added in another order
+    assert bf16_steps(got, ref).max() <= 1.0
+
+
+def test_gelu_tanh_times_up_is_as_close_to_the_exact_function_as_torch(lib):
+    g = torch.Generator().manual_seed(1)
+    mlp = Gemma3MLP(Gemma3TextConfig(hidden_size=8, intermediate_size=8, hidden_activation="gelu_pytorch_tanh"))
+    gate = (torch.randn(64, 4096, generator=g) * 3).bfloat16()
+    up = torch.randn(64, 4096, generator=g).bfloat16()
+    torch_ops = (mlp.act_fn(gate) * up)
+    got = cpu_kernels.gelu_tanh_mul(lib, gate, up)
+    x = gate.double()
+    # 0.5 x (1 + tanh(z)) as x sigmoid(2 z): the same function, without the cancellation that zeroes the tail
+    act = x * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3))
+    exact = (act.bfloat16().double() * up.double()).bfloat16()  # rounded where transformers rounds
+    normal = exact.double().abs() > 1e-30  # far tails: both are ~0, their bf16 subnormals differ
+    frac_got = (got == exact)[normal].float().mean().item()
+    frac_torch = (torch_ops == exact)[normal].float().mean().item()
+    assert frac_got >= 0.999 and frac_got >= frac_torch, (frac_got, frac_torch)  # here 1.0 vs 0.93
+    assert bf16_steps(got, exact)[normal].max() <= 1.0
+    assert (got.double() - exact.double())[~normal].abs().max() < 1e-30
+    nan = cpu_kernels.gelu_tanh_mul(lib, torch.tensor([float("nan"), 1.0]).bfloat16(), torch.ones(2).bfloat16())
+    assert nan[0].isnan() and nan[1] == mlp.act_fn(torch.tensor([1.0]).bfloat16())[0]
+
+
+def test_fused_modules_equal_the_stock_modules_and_fall_back_off_bf16(lib):
+    """fuse_gemma3 reroutes only Gemma-3's norms and GELU-tanh MLPs; a float32 input takes the stock forward."""
+    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, hidden_activation="gelu_pytorch_tanh")
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(Gemma3RMSNorm(64), Gemma3MLP(cfg), torch.nn.Linear(64, 64)).bfloat16()
+    with torch.no_grad():
+        stack[0].weight.normal_()
+    x = torch.randn(3, 5, 64).bfloat16()
+    ref16, ref32 = stack(x), stack.float()(x.float())
+    stack.bfloat16()
+    assert cpu_kernels.fuse_gemma3(stack, lib) == 2
+    got16 = stack(x)
+    assert bf16_steps(got16, ref16).max() <= 4.0  # a few bf16 steps through the MLP's matmul
+    assert (got16 == ref16).float().mean() > 0.95
+    torch.testing.assert_close(stack.float()(x.float()), ref32)  # float32: the modules' own ops
+
+
+def test_no_compiler_gives_the_reason_and_the_harvest_keeps_torchs_ops(tmp_path, monkeypatch):
+    from workbench import lm
+    from workbench.config import load_config
+
+    with pytest.raises(cpu_kernels.Unavailable, match="no C compiler 'no-such-cc'"):
+        cpu_kernels.load(tmp_path, "no-such-cc")
+    with pytest.raises(cpu_kernels.Unavailable, match="'false' could not build cpu_kernels.c"):
+        cpu_kernels.load(tmp_path, "false")
+    model = dataclasses.replace(load_config("run_configs/quickstart.toml").model, cache_dir=str(tmp_path))
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("CC", "no-such-cc")
+    with pytest.warns(UserWarning, match=r"fused CPU kernels off \(no C compiler 'no-such-cc' on PATH\)"):
+        assert lm.harvest_label(model, cpu) == "hf"
+    monkeypatch.delenv("CC")
+    other = dataclasses.replace(model, cache_dir=str(tmp_path / "other"))
+    assert lm.harvest_label(other, cpu) == "hf+fused_cpu_kernels"
+    assert lm.harvest_label(dataclasses.replace(other, fused_kernels=False), cpu) == "hf"
+    assert lm.harvest_label(dataclasses.replace(other, dtype="float32"), cpu) == "hf"
+    assert lm.harvest_label(other, torch.device("cuda")) == "hf"

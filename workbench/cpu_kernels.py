@@ -1,0 +1,119 @@
+"""Fused bfloat16 CPU kernels for the training harvest's HuggingFace Gemma-3 forward: RMSNorm in one pass, and
+GELU-tanh times the up projection in one pass (cpu_kernels.c). Eager torch has no fused CPU kernels for these:
+it ran them as 5-8 elementwise passes each, ~60% of a harvest batch on a 2-core CPU (notes.txt, session 10).
+
+The C source is compiled once per machine with the system C compiler ($CC, else cc) into the cache directory
+and loaded with ctypes; its OpenMP is the libgomp torch already loaded, so both share one thread pool.
+Without a compiler, or where the build fails, `load` says why and the harvest keeps torch's ops. Results
+equal torch's to bf16 rounding (tests/test_cpu_kernels.py), so the activation cache key names the kernels.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -march=native: the library is built for this CPU (AVX-512 here), so its cache key holds the CPU's flags
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
+
+
+class Unavailable(RuntimeError):
+    """The kernels cannot be built or loaded here; the message says why."""
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def load(cache_dir: Path, compiler: str | None = None) -> ctypes.CDLL:
+    """The compiled kernels (built on first use into cache_dir/kernels/<key>/; an atomic rename publishes
+    them), with compiler, else $CC, else cc. Raises Unavailable with the reason."""
+    return _load(Path(cache_dir), compiler or os.environ.get("CC") or "cc")
+
+
+@functools.cache
+def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
+    cc_path = shutil.which(compiler)
+    if cc_path is None:
+        raise Unavailable(f"no C compiler '{compiler}' on PATH")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc_path.encode(), _cpu_flags().encode()]))
+    target = cache_dir / "kernels" / key.hexdigest()[:24] / "cpu_kernels.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            proc = subprocess.run([cc_path, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                first = (proc.stderr.strip().splitlines() or ["no output"])[0]
+                raise Unavailable(f"'{compiler}' could not build {SOURCE.name}: {first}")
+            os.replace(built, target)
+    lib = ctypes.CDLL(str(target))
+    lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    lib.gelu_tanh_mul_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+    return lib
+
+
+def _bf16_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMSNorm of a contiguous bf16 x over its last dim; scale = 1 + weight (float32, contiguous)."""
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    lib.rms_norm_bf16(x.data_ptr(), scale.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
+    return out
+
+
+def gelu_tanh_mul(lib: ctypes.CDLL, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """bf16(bf16(gelu_tanh(gate)) * up) for contiguous bf16 tensors of one shape."""
+    out = torch.empty_like(gate)
+    lib.gelu_tanh_mul_bf16(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    return out
+
+
+def _norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if not _bf16_cpu(x):
+        return type(self).forward(self, x)
+    return rms_norm(self._fused_lib, x, self._fused_scale, self.eps)
+
+
+def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if not _bf16_cpu(gate, up):
+        return self.down_proj(self.act_fn(gate) * up)
+    return self.down_proj(gelu_tanh_mul(self._fused_lib, gate, up))
+
+
+def fuse_gemma3(stack: torch.nn.Module, lib: ctypes.CDLL) -> int:
+    """Route a Gemma-3 decoder stack's RMSNorms (residual, q and k norms) and GELU-tanh MLPs through the kernels,
+    on this instance only (the evals' TransformerLens model is untouched). Returns how many modules changed.
+    Inputs that are not contiguous bf16 on a CPU fall back to the module's own forward."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP, Gemma3RMSNorm
+
+    changed = 0
+    for module in stack.modules():
+        if isinstance(module, Gemma3RMSNorm):
+            # 1 + weight once: the harvest model's weights are frozen
+            module._fused_lib, module._fused_scale = lib, (1.0 + module.weight.detach().float()).contiguous()
+            module.forward = types.MethodType(_norm_forward, module)
+        elif isinstance(module, Gemma3MLP) and module.config.hidden_activation == "gelu_pytorch_tanh":
+            module._fused_lib = lib
+            module.forward = types.MethodType(_mlp_forward, module)
+        else:
+            continue
+        changed += 1
+    return changed
