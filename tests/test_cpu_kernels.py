@@ -27,17 +27,21 @@ def bf16_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs() / (b.abs() * 2.0**-7).clamp_min(1e-30)
 
 
-@pytest.mark.parametrize("shape, scale", [((4, 33, 640), 3000.0), ((4, 9, 4, 256), 1.0)])
-def test_rms_norm_equals_gemma3s_module(lib, shape, scale):
-    """Residual-stream norms (rows of 640, norms in the thousands) and the q/k norms (rows of head_dim 256)."""
+@pytest.mark.parametrize("shape, scale, transposed", [((4, 33, 640), 3000.0, False), ((4, 9, 4, 256), 1.0, True)])
+def test_rms_norm_equals_gemma3s_module(lib, shape, scale, transposed):
+    """Residual-stream norms (rows of 640, norms in the thousands) and the q/k norms (rows of head_dim 256, on the
+    attention's (B, H, T, d_head) transpose of a (B, T, H, d_head) tensor)."""
     g = torch.Generator().manual_seed(0)
     norm = Gemma3RMSNorm(shape[-1], eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(shape[-1], generator=g) * 0.5)
     x = (torch.randn(*shape, generator=g) * scale).bfloat16()
+    if transposed:
+        x = x.transpose(1, 2)
+        assert not x.is_contiguous() and cpu_kernels._rows_tile_memory(x)
     ref = norm(x)
     got = cpu_kernels.rms_norm(lib, x, (1.0 + norm.weight.detach().float()).contiguous(), norm.eps)
-    assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape and got.stride() == x.stride()
     assert (got == ref).float().mean() > 0.999  # the float32 sum of squares is added in another order
     assert bf16_steps(got, ref).max() <= 1.0
 
@@ -78,6 +82,14 @@ def test_fused_modules_equal_the_stock_modules_and_fall_back_off_bf16(lib):
     assert bf16_steps(got16, ref16).max() <= 4.0  # a few bf16 steps through the MLP's matmul
     assert (got16 == ref16).float().mean() > 0.95
     torch.testing.assert_close(stack.float()(x.float()), ref32)  # float32: the modules' own ops
+
+
+def test_rows_tile_memory():
+    x = torch.zeros(2, 3, 4, 8, dtype=torch.bfloat16)
+    assert cpu_kernels._rows_tile_memory(x) and cpu_kernels._rows_tile_memory(x.transpose(1, 2))
+    assert not cpu_kernels._rows_tile_memory(x.transpose(2, 3))  # rows strided
+    assert not cpu_kernels._rows_tile_memory(x[:, :, :2])  # gaps between rows
+    assert not cpu_kernels._rows_tile_memory(x.float())
 
 
 def test_no_compiler_gives_the_reason_and_the_harvest_keeps_torchs_ops(tmp_path, monkeypatch):

@@ -70,9 +70,24 @@ def _bf16_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
+def _rows_tile_memory(x: torch.Tensor) -> bool:
+    """bf16 on a CPU, its last dim contiguous and the tensor dense in some dim order (e.g. the attention's
+    q, transposed to (B, H, T, d_head)): memory is then its rows of the last dim, one after another."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(-1) != 1:
+        return False
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gemma's RMSNorm of a contiguous bf16 x over its last dim; scale = 1 + weight (float32, contiguous)."""
+    """Gemma's RMSNorm of bf16 x over its last dim (rows tiling memory: _rows_tile_memory); scale = 1 + weight
+    (float32, contiguous). The output has x's strides (empty_like keeps a dense layout)."""
     out = torch.empty_like(x)
+    assert out.stride() == x.stride()
     d = x.shape[-1]
     lib.rms_norm_bf16(x.data_ptr(), scale.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
     return out
@@ -86,7 +101,7 @@ def gelu_tanh_mul(lib: ctypes.CDLL, gate: torch.Tensor, up: torch.Tensor) -> tor
 
 
 def _norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if not _bf16_cpu(x):
+    if not _rows_tile_memory(x):
         return type(self).forward(self, x)
     return rms_norm(self._fused_lib, x, self._fused_scale, self.eps)
 
@@ -101,7 +116,7 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 def fuse_gemma3(stack: torch.nn.Module, lib: ctypes.CDLL) -> int:
     """Route a Gemma-3 decoder stack's RMSNorms (residual, q and k norms) and GELU-tanh MLPs through the kernels,
     on this instance only (the evals' TransformerLens model is untouched). Returns how many modules changed.
-    Inputs that are not contiguous bf16 on a CPU fall back to the module's own forward."""
+    Other inputs (not bf16 on a CPU, or laid out otherwise) take the module's own forward."""
     from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP, Gemma3RMSNorm
 
     changed = 0
