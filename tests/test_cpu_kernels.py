@@ -1,6 +1,7 @@
 """The fused bf16 CPU kernels (workbench/cpu_kernels.c) against transformers' Gemma-3 modules and a float64
 reference: RMSNorm equal to the module's bf16 output up to one bf16 step of its float32 sums, GELU-tanh x up
-at least as close to the exactly rounded function as torch's own bf16 ops; and the fallback without a compiler."""
+at least as close to the exactly rounded function as torch's own bf16 ops, the rotary embedding bit-identical;
+and the fallback without a compiler."""
 import dataclasses
 import shutil
 
@@ -68,7 +69,8 @@ def test_gelu_tanh_times_up_is_as_close_to_the_exact_function_as_torch(lib):
 
 
 def test_fused_modules_equal_the_stock_modules_and_fall_back_off_bf16(lib):
-    """fuse_gemma3 reroutes only Gemma-3's norms and GELU-tanh MLPs; a float32 input takes the stock forward."""
+    """fuse_gemma3 reroutes only Gemma-3's norms and GELU-tanh MLPs (and, once, the rotary function); a float32
+    input takes the stock forward."""
     cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, hidden_activation="gelu_pytorch_tanh")
     torch.manual_seed(0)
     stack = torch.nn.Sequential(Gemma3RMSNorm(64), Gemma3MLP(cfg), torch.nn.Linear(64, 64)).bfloat16()
@@ -78,10 +80,33 @@ def test_fused_modules_equal_the_stock_modules_and_fall_back_off_bf16(lib):
     ref16, ref32 = stack(x), stack.float()(x.float())
     stack.bfloat16()
     assert cpu_kernels.fuse_gemma3(stack, lib) == 2
+    from transformers.models.gemma3 import modeling_gemma3
+    rotary = modeling_gemma3.apply_rotary_pos_emb
+    assert hasattr(rotary, "original") and cpu_kernels.fuse_gemma3(torch.nn.Sequential(), lib) == 0
+    assert modeling_gemma3.apply_rotary_pos_emb is rotary  # installed once, not wrapped again
     got16 = stack(x)
     assert bf16_steps(got16, ref16).max() <= 4.0  # a few bf16 steps through the MLP's matmul
     assert (got16 == ref16).float().mean() > 0.95
     torch.testing.assert_close(stack.float()(x.float()), ref32)  # float32: the modules' own ops
+
+
+def test_rotary_is_bit_identical_to_transformers_and_falls_back(lib):
+    """The attention's q (4 heads) and k (1 head), transposed to (B, H, T, d) as Gemma-3's attention has them."""
+    from transformers.models.gemma3 import modeling_gemma3
+
+    original = getattr(modeling_gemma3.apply_rotary_pos_emb, "original", modeling_gemma3.apply_rotary_pos_emb)
+    fused = cpu_kernels._fused_rotary(original, lib)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(3, 17, 4, 64, generator=g).bfloat16().transpose(1, 2)
+    k = torch.randn(3, 17, 1, 64, generator=g).bfloat16().transpose(1, 2)
+    angle = torch.randn(3, 17, 64, generator=g) * 3
+    cos, sin = angle.cos().bfloat16(), angle.sin().bfloat16()
+    for got, ref in zip(fused(q, k, cos, sin), original(q, k, cos, sin)):
+        assert torch.equal(got, ref)
+        assert [st for st, n in zip(got.stride(), got.shape) if n > 1] == [st for st, n in zip(ref.stride(), ref.shape) if n > 1]
+    for args in [(q.float(), k.float(), cos.float(), sin.float()),  # float32: the original's own ops
+                 (q, k, cos[:1], sin[:1])]:  # one position table broadcast over the batch: not the kernel's layout
+        assert all(torch.equal(a, b) for a, b in zip(fused(*args), original(*args)))
 
 
 def test_rows_tile_memory():

@@ -66,3 +66,32 @@ void gelu_tanh_mul_bf16(const uint16_t *gate, const uint16_t *up, uint16_t *out,
         }
     }
 }
+
+/* Rotary position embedding of x (B, H, T, d) in place of transformers' apply_rotary_pos_emb:
+   out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), rotate_half(x) = (-x[d/2:], x[:d/2]); each op rounded
+   to bf16 where torch's bf16 ops round, so the result is bit-identical. x and out share strides (elements) for
+   B, H, T, their rows contiguous; cos and sin are contiguous (B, T, d). */
+void rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out, int64_t B, int64_t H,
+               int64_t T, int64_t d, int64_t stride_b, int64_t stride_h, int64_t stride_t) {
+    const int64_t half = d / 2;
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < H; h++) {
+            for (int64_t t = 0; t < T; t++) {
+                const int64_t at = b * stride_b + h * stride_h + t * stride_t;
+                const uint16_t *x_row = x + at, *c = cos + (b * T + t) * d, *s = sin + (b * T + t) * d;
+                uint16_t *o = out + at;
+                for (int64_t i = 0; i < half; i++) {
+                    float rotated = -bf16_to_float(x_row[i + half]);
+                    o[i] = float_to_bf16(bf16_to_float(float_to_bf16(bf16_to_float(x_row[i]) * bf16_to_float(c[i])))
+                                         + bf16_to_float(float_to_bf16(rotated * bf16_to_float(s[i]))));
+                }
+                for (int64_t i = half; i < d; i++) {
+                    float rotated = bf16_to_float(x_row[i - half]);
+                    o[i] = float_to_bf16(bf16_to_float(float_to_bf16(bf16_to_float(x_row[i]) * bf16_to_float(c[i])))
+                                         + bf16_to_float(float_to_bf16(rotated * bf16_to_float(s[i]))));
+                }
+            }
+        }
+    }
+}

@@ -63,6 +63,7 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.gelu_tanh_mul_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+    lib.rope_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7
     return lib
 
 
@@ -100,6 +101,30 @@ def gelu_tanh_mul(lib: ctypes.CDLL, gate: torch.Tensor, up: torch.Tensor) -> tor
     return out
 
 
+def rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding of bf16 x (B, H, T, d; rows tiling memory) with contiguous bf16 cos, sin
+    (B, T, d): bit-identical to x * cos + rotate_half(x) * sin, in x's strides."""
+    out = torch.empty_like(x)
+    assert out.stride() == x.stride()
+    B, H, T, d = x.shape
+    lib.rope_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), B, H, T, d, *x.stride()[:3])
+    return out
+
+
+def _fused_rotary(original, lib: ctypes.CDLL):
+    """transformers' Gemma-3 apply_rotary_pos_emb, with the fused kernel where its inputs suit it (bf16 on a CPU,
+    (B, H, T, d) rows tiling memory, cos / sin (B, T, d) contiguous), else the original."""
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        suits = (unsqueeze_dim == 1 and q.dim() == k.dim() == 4 and cos.shape == sin.shape == (q.shape[0], q.shape[2], q.shape[3])
+                 and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:] and q.shape[3] % 2 == 0
+                 and all(_rows_tile_memory(t) for t in (q, k)) and _bf16_cpu(cos, sin))
+        if not suits:
+            return original(q, k, cos, sin, unsqueeze_dim)
+        return rope(lib, q, cos, sin), rope(lib, k, cos, sin)
+    apply_rotary_pos_emb.original = original
+    return apply_rotary_pos_emb
+
+
 def _norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not _rows_tile_memory(x):
         return type(self).forward(self, x)
@@ -117,8 +142,14 @@ def fuse_gemma3(stack: torch.nn.Module, lib: ctypes.CDLL) -> int:
     """Route a Gemma-3 decoder stack's RMSNorms (residual, q and k norms) and GELU-tanh MLPs through the kernels,
     on this instance only (the evals' TransformerLens model is untouched). Returns how many modules changed.
     Other inputs (not bf16 on a CPU, or laid out otherwise) take the module's own forward."""
+    from transformers.models.gemma3 import modeling_gemma3
     from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP, Gemma3RMSNorm
 
+    # The rotary embedding is a module-level function that the attention looks up when it runs, so it is
+    # replaced there, once: bit-identical to the original (tests/test_cpu_kernels.py), and only for inputs
+    # that suit the kernel, so other Gemma-3 models in the process compute exactly what they did.
+    if not hasattr(modeling_gemma3.apply_rotary_pos_emb, "original"):
+        modeling_gemma3.apply_rotary_pos_emb = _fused_rotary(modeling_gemma3.apply_rotary_pos_emb, lib)
     changed = 0
     for module in stack.modules():
         if isinstance(module, Gemma3RMSNorm):
