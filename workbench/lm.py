@@ -190,7 +190,7 @@ def harvest_path(cfg: ModelConfig) -> str:
     return "hf" if cfg.name == EMBEDDED_MODEL and cfg.hook.endswith(".hook_resid_post") else "transformer_lens"
 
 
-_kernel_outcome: dict[Path, object] = {}  # cache dir -> the loaded kernels or why not (warned about once)
+_kernel_outcome: dict[Path, object] = {}  # cache dir -> the loaded kernels, or None where they failed (warned once)
 
 
 def fused_kernels(cfg: ModelConfig, device: torch.device):
