@@ -1,6 +1,7 @@
-"""Fused bfloat16 CPU kernels for the training harvest's HuggingFace Gemma-3 forward: RMSNorm in one pass, and
-GELU-tanh times the up projection in one pass (cpu_kernels.c). Eager torch has no fused CPU kernels for these:
-it ran them as 5-8 elementwise passes each, ~60% of a harvest batch on a 2-core CPU (notes.txt, session 10).
+"""Fused bfloat16 CPU kernels for the training harvest's HuggingFace Gemma-3 forward, each one pass
+(cpu_kernels.c): RMSNorm, GELU-tanh times the up projection, and the rotary embedding. Eager torch has no fused
+CPU kernels for these: it ran them as 5-8 elementwise passes each, ~60% of a harvest batch on a 2-core CPU
+(notes.txt, sessions 10-11).
 
 The C source is compiled once per machine with the system C compiler ($CC, else cc) into the cache directory
 and loaded with ctypes; its OpenMP is the libgomp torch already loaded, so both share one thread pool.

@@ -163,8 +163,8 @@ class _SelectedPreActs(torch.autograd.Function):
 
 class _ColumnPreActs(torch.autograd.Function):
     """pre[:, cols] for a few columns (AuxK's dead latents), its value taken from the dense (no-grad) encoder
-    forward; backward: dW_enc[:, cols] = sae_in^T G and db_enc[cols] = sum_b G (one small product in G's
-    dtype, the bf16 of autocast where the dense step's would be bf16 too), the other columns zero."""
+    forward; backward: dW_enc[:, cols] = sae_in^T G (one small product in G's dtype, the bf16 of autocast where
+    the dense step's would be bf16 too; a sparse tensor over those columns) and db_enc[cols] = sum_b G."""
 
     @staticmethod
     def forward(ctx, pre_BC, sae_in_BD, W_enc_DF, b_enc_F, cols_C):
