@@ -53,7 +53,9 @@ def resolve_run(args, out_dir: Path) -> tuple[RunConfig, dict | None]:
         ckpt = load_checkpoint(out_dir)
         cfg = ckpt["cfg"]
         if args.config or args.set:
-            asked = load_config(args.config, args.set)
+            from workbench.lm import resolve_auto_dtypes  # the checkpoint's config holds what auto chose
+
+            asked = resolve_auto_dtypes(load_config(args.config, args.set))
             if config_to_dict(asked) != config_to_dict(cfg) or asked.sweep != cfg.sweep:
                 raise ConfigError(f"--out_dir '{out_dir}' holds an unfinished run with another config; "
                                   f"run without --config/--set to resume it, or pass --overwrite to start over")

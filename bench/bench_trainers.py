@@ -1,6 +1,6 @@
 """Training-step time of every trainer, dense and sparse step side by side, and each against topk.
 
-    python bench/bench_trainers.py [--steps 5] [--sizes quickstart gemma2] [--dtype bfloat16|float32]
+    python bench/bench_trainers.py [--steps 5] [--sizes quickstart gemma2] [--dtype auto|bfloat16|float32]
 
 topk_auxk is topk with AuxK at work: 3% of its latents held dead (real runs get there once latents die).
 Sizes: the quickstart's SAE (640 x 2048, B 1024, k 32) and Gemma-2-2B's (2304 x 16384; see SIZES).
@@ -21,6 +21,7 @@ import evals  # noqa: E402,F401  (registers the evals with the config loader)
 from trainers import make_trainer  # noqa: E402
 from workbench.config import config_from_dict  # noqa: E402
 from workbench.cpu_memory import keep_freed_memory  # noqa: E402
+from workbench.lm import concrete_dtype  # noqa: E402
 from workbench.sae_ops import sparse_step_wanted  # noqa: E402
 
 TRAINER_SETTINGS = {
@@ -108,12 +109,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--sizes", nargs="+", default=["quickstart", "gemma2"], choices=list(SIZES))
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="sae.compute_dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="sae.compute_dtype (auto: bfloat16 where the device multiplies it natively, as in a run)")
     p.add_argument("--trainers", nargs="+", default=list(TRAINER_SETTINGS), choices=list(TRAINER_SETTINGS),
                    help="which trainers (topk, the reference for the ratios, always runs first)")
     args = p.parse_args(argv)
     keep_freed_memory()  # as experiment.py does
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = concrete_dtype(args.dtype, device)
     roof = matmul_gflops(device, getattr(torch, args.dtype))
     print(f"device={device} threads={torch.get_num_threads()} dtype={args.dtype}: "
           f"matmul roof {roof:.0f} GFLOP/s (2048^3)")

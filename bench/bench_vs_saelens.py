@@ -105,9 +105,9 @@ def main(argv=None) -> int:
         ours = run_ours(tmp / "run_ours", base + ["cache.enabled=false", "eval.types=[]"])
         p1 = ours["prov"]
         ours_tps = p1["train_tokens"] / p1["train_wall_s"]
-        from workbench.lm import load_lm
+        from workbench.lm import load_lm, resolve_auto_dtypes
         from workbench.sae import load_sae
-        cfg = load_config(QS)
+        cfg = resolve_auto_dtypes(load_config(QS))  # the dtypes the run above used
         model = load_lm(cfg.model)
         x = heldout_acts(model, cfg)
         ours_sae = load_sae(ours["dirs"][0] / "sae")

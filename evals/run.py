@@ -74,10 +74,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from workbench.lm import cache_root, load_lm
+    from workbench.lm import cache_root, load_lm, resolve_auto_dtypes
     from workbench.phases import Phases
     from workbench.sae import load_sae
 
+    runs = [(d, resolve_auto_dtypes(cfg), final) for d, cfg, final in runs]  # a run's config.toml holds concrete
     groups: dict[str, list] = {}  # runs evaluated together share everything the evals read but the SAE
     for run_dir, cfg, final in runs:
         key = json.dumps([cfg.model.name, cfg.model.hook, cfg.model.dtype, cfg.model.device, cfg.seed,

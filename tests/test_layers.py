@@ -179,13 +179,21 @@ def test_pipeline_runs_from_a_cached_stream_with_the_pieces_handed_in(tmp_path, 
     from workbench.pipeline import run
     from workbench.stream import stream_description, stream_tokens
 
+    import workbench.cpu_kernels
+    from workbench.config import load_config
+    from workbench.lm import resolve_auto_dtypes
+
     cfg = tiny_run_config()
     cfg.cache.dir, cfg.log.progress, cfg.data.norm_tokens = str(tmp_path / "cache"), False, 256
     cfg.data.prefetch_chunks = 0
     cfg.eval.types = ["core"]
+    # dtype = auto on an AVX2 CPU (no bf16 instructions) is float32, in the stream's key and the run's record
+    cfg.model.dtype = cfg.sae.compute_dtype = "auto"
+    monkeypatch.setattr(workbench.cpu_kernels, "cpu_flags", lambda: "flags\t\t: fpu sse2 avx avx2 fma")
     n, d = stream_tokens(cfg), 16
     g = torch.Generator().manual_seed(0)
-    writer = ActivationCache(cfg.cache.dir).writer(cache_key(stream_description(cfg, torch.device("cpu"))), n, {}, torch.float32)
+    key = cache_key(stream_description(resolve_auto_dtypes(cfg, torch.device("cpu")), torch.device("cpu")))
+    writer = ActivationCache(cfg.cache.dir).writer(key, n, {}, torch.float32)
     writer.finish(iter([torch.randn(200, d, generator=g) * 30 for _ in range(-(-n // 200))]))
     seen = {}
 
@@ -208,6 +216,11 @@ def test_pipeline_runs_from_a_cached_stream_with_the_pieces_handed_in(tmp_path, 
     assert tr["provenance"]["activation_source"].startswith("cache:") and tr["final_info"]["training_steps"] == cfg.total_steps
     assert final["core evaluation results"] == {"metrics": {"x": 1.0}} and final["skipped evaluations"] == {"absorption": "not asked"}
     assert tr["config"]["activation_dim"] == d and tr["provenance"]["command"] == "python experiment.py --out_dir=run_1"
+    assert (tr["provenance"]["llm_dtype"], tr["provenance"]["sae_compute_dtype"]) == ("float32", "float32")
+    assert tr["provenance"]["dtype_auto"] == ("model.dtype and sae.compute_dtype = auto -> float32 (this CPU has no "
+                                              "bf16 matmul instructions (amx_bf16, avx512_bf16, Arm bf16))")
+    written = load_config(out_dir / "config.toml")  # what auto chose, so the file reproduces the run
+    assert (written.model.dtype, written.sae.compute_dtype) == ("float32", "float32")
 
 
 # ---------------------------------------------------------------- record

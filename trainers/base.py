@@ -59,6 +59,8 @@ class Trainer:
                  init_acts_BD: torch.Tensor, seed: int, device: str | torch.device = "cpu",
                  compute_dtype: str = "float32", sparse_step: str = "off"):
         self.cfg, self.total_steps = cfg, total_steps
+        if compute_dtype not in ("float32", "bfloat16"):  # auto is resolved per device first (workbench.lm)
+            raise ValueError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
         # bfloat16: the forward (and so its backward) runs under autocast; weights, Adam state, the loss
         # sums and the decoder constraint stay float32
         self.autocast = compute_dtype == "bfloat16"

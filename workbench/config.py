@@ -64,7 +64,10 @@ class ModelConfig:
     name: str = param("google/gemma-2-2b", "TransformerLens model name, or 'gemma-3-270m' for the embedded offline model",
                       min_length=1)
     hook: str = param("blocks.12.hook_resid_post", "hook point the SAE reads, e.g. blocks.12.hook_resid_post")
-    dtype: Literal["float32", "bfloat16", "float16"] = param("bfloat16", "LM dtype: float32 | bfloat16 | float16")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = param(
+        "auto", "LM dtype: float32 | bfloat16 | float16 | auto (bfloat16 where the device multiplies bf16 natively: "
+                "CUDA with bf16, a CPU with AMX / AVX512-BF16 / Arm BF16; else float32, as bf16 is emulated there, "
+                "5-500x slower); the run records what auto chose")
     device: str = param("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     harvest: Literal["auto", "hf", "transformer_lens"] = param(
         "auto", "the training harvest's LM forward: hf (the HuggingFace model cut after the hook's layer; "
@@ -106,8 +109,9 @@ class DataConfig:
 class SAEConfig:
     d_sae: int = param(16384, "number of latents n", ge=1)
     batch_size: int = param(2048, "activations per SAE training step (the seeds' sae_batch_size)", ge=1)
-    compute_dtype: Literal["float32", "bfloat16"] = param(
-        "float32", "SAE training matmuls: float32, or bfloat16 (autocast; weights and Adam stay float32)")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = param(
+        "float32", "SAE training matmuls: float32, bfloat16 (autocast; weights and Adam stay float32), or auto "
+                   "(bfloat16 where the device multiplies bf16 natively, as model.dtype)")
     sparse_step: Literal["auto", "on", "off"] = param(
         "auto", "TopK-family trainers: the step that touches only the selected latents outside the encoder forward "
                 "(embedding-bag decoder, sparse encoder backward; same loss and gradients as the dense one) | off "

@@ -31,9 +31,11 @@ class Unavailable(RuntimeError):
     """The kernels cannot be built or loaded here; the message says why."""
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's feature line of /proc/cpuinfo ("flags" on x86, "Features" on Arm); '' where there is none."""
     try:
-        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith(("flags", "Features"))), "")
     except OSError:
         return ""
 
@@ -50,7 +52,7 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     if cc_path is None:
         raise Unavailable(f"no C compiler '{compiler}' on PATH")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc_path.encode(), _cpu_flags().encode()]))
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc_path.encode(), cpu_flags().encode()]))
     target = cache_dir / "kernels" / key.hexdigest()[:24] / "cpu_kernels.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

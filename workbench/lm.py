@@ -6,6 +6,7 @@ once into a plain HF checkpoint under the cache directory, so later runs load it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from sae_lens.util import get_special_token_ids, str_to_dtype
 
-from workbench.config import EMBEDDED_MODEL, ModelConfig, absolute_path
+from workbench.config import EMBEDDED_MODEL, ModelConfig, RunConfig, absolute_path
 
 EMBEDDED_TL_NAME = "google/gemma-3-270m"  # TransformerLens's architecture entry for the embedded weights
 QUICKSTART_HINT = "for an offline run use --config run_configs/quickstart.toml (embedded gemma-3-270m)"
@@ -31,6 +32,41 @@ def resolve_device(spec: str) -> torch.device:
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"model.device = '{spec}' but no CUDA device is visible; use model.device=auto or cpu")
     return torch.device(spec)
+
+
+# bf16 matmul instructions: x86 AMX and AVX512-BF16, Arm's BF16 extension. Without them torch emulates bf16
+# matmuls: 5-500x slower than float32 on an AVX2 CPU (notes.txt, session 12), so `auto` picks float32 there.
+BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16", "bf16"}
+
+
+def bf16_native(device: torch.device) -> tuple[bool, str]:
+    """(whether the device multiplies bfloat16 natively, why, in words)."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return native, f"{torch.cuda.get_device_name(device)} {'has' if native else 'lacks'} bf16 tensor math"
+    if device.type != "cpu":
+        return False, f"{device.type} device: float32"
+    from workbench.cpu_kernels import cpu_flags
+
+    found = sorted(BF16_CPU_FLAGS & set(cpu_flags().partition(":")[2].split()))
+    return bool(found), ("CPU flag " + ", ".join(found) if found else
+                         "this CPU has no bf16 matmul instructions (amx_bf16, avx512_bf16, Arm bf16)")
+
+
+def concrete_dtype(setting: str, device: torch.device) -> str:
+    """A dtype key's value with auto resolved for the device: bfloat16 where bf16_native, else float32."""
+    if setting != "auto":
+        return setting
+    return "bfloat16" if bf16_native(device)[0] else "float32"
+
+
+def resolve_auto_dtypes(cfg: RunConfig, device: torch.device | None = None) -> RunConfig:
+    """The config with model.dtype and sae.compute_dtype = auto replaced by what they mean on the device (the
+    run's own device when None): what the run directory's config.toml and the provenance then record."""
+    device = device or resolve_device(cfg.model.device)
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, dtype=concrete_dtype(cfg.model.dtype, device)),
+        sae=dataclasses.replace(cfg.sae, compute_dtype=concrete_dtype(cfg.sae.compute_dtype, device)))
 
 
 def cache_root(cfg: ModelConfig) -> Path:
@@ -120,7 +156,8 @@ def load_lm(cfg: ModelConfig):
     """A HookedTransformer on the configured device and dtype; raises ModelLoadError with a fix."""
     from transformer_lens import HookedTransformer
 
-    device, dtype = resolve_device(cfg.device), str_to_dtype(cfg.dtype)
+    device = resolve_device(cfg.device)
+    dtype = str_to_dtype(concrete_dtype(cfg.dtype, device))
     if cfg.name == EMBEDDED_MODEL:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -197,7 +234,7 @@ def fused_kernels(cfg: ModelConfig, device: torch.device):
     """The fused CPU kernels (workbench/cpu_kernels.py) where the hf harvest runs a Gemma-3 in bf16 on a CPU with
     model.fused_kernels on, else None; where they cannot be built, one warning and None (torch's ops)."""
     if not (cfg.fused_kernels and harvest_path(cfg) == "hf" and "gemma-3" in cfg.name and device.type == "cpu"
-            and cfg.dtype == "bfloat16"):
+            and concrete_dtype(cfg.dtype, device) == "bfloat16"):
         return None
     from workbench import cpu_kernels
 
@@ -224,7 +261,8 @@ def load_hook_forward(cfg: ModelConfig, tl_model=None):
         return TLHookForward(tl_model if tl_model is not None else load_lm(cfg), cfg)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device, dtype = resolve_device(cfg.device), str_to_dtype(cfg.dtype)
+    device = resolve_device(cfg.device)
+    dtype = str_to_dtype(concrete_dtype(cfg.dtype, device))
     if cfg.name == EMBEDDED_MODEL:
         source, kwargs = embedded_checkpoint(cfg), {"local_files_only": True}
     else:

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,7 @@ from transformers import set_seed
 from workbench.activations import ActivationScaler, MixingBuffer
 from workbench import distributed
 from workbench.config import RunConfig, config_to_dict, sweep_runs, to_toml
-from workbench.lm import cache_root, harvest_label, resolve_device
+from workbench.lm import bf16_native, cache_root, harvest_label, resolve_auto_dtypes, resolve_device
 from workbench.phases import Phases
 from workbench.record import absorption_null_control, final_info
 from workbench.rundir import CHECKPOINT, FINAL_INFO, save_checkpoint, trim_log
@@ -60,6 +61,8 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
     set_seed(cfg.seed)  # python, numpy, torch and CUDA generators: code we do not own draws from them
     dctx = distributed.ctx()
     device = resolve_device(dctx.device or cfg.model.device)
+    dtype_auto = dtype_choice(cfg, device)
+    cfg = resolve_auto_dtypes(cfg, device)  # from here on (config.toml, cache keys, trainers) concrete dtypes
     phases = Phases(["model load", "training", *cfg.eval.types],
                     cache_root(cfg.model) / "phase_times.json" if dctx.main else None,  # rank 0 alone writes
                     setup_key=json.dumps([cfg.model.name, cfg.model.hook, cfg.model.dtype, device.type,
@@ -151,7 +154,8 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
 
     # ---- the record: final_info.json last (its presence means the run finished)
     provenance = {
-        "model": cfg.model.name, "hook": cfg.model.hook, "llm_dtype": cfg.model.dtype, "device": str(device),
+        "model": cfg.model.name, "hook": cfg.model.hook, "llm_dtype": cfg.model.dtype,
+        "sae_compute_dtype": cfg.sae.compute_dtype, "dtype_auto": dtype_auto, "device": str(device),
         "harvest_forward": harvest_label(cfg.model, device), "dataset": cfg.data.dataset,
         "embedded_sources": cfg.data.embedded_sources if cfg.data.dataset == "embedded" else None,
         "context_size": cfg.data.context_size, "train_tokens": stats["tokens"], "seed": cfg.seed,
@@ -170,6 +174,19 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
         out.append((run_dir, final))
     (out_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: final_info.json and sae/ are the result
     return out
+
+
+def dtype_choice(cfg: RunConfig, device: torch.device) -> str | None:
+    """What dtype = auto chose and why (None where no dtype key is auto), said once on stderr."""
+    auto = [key for key, value in (("model.dtype", cfg.model.dtype), ("sae.compute_dtype", cfg.sae.compute_dtype))
+            if value == "auto"]
+    if not auto:
+        return None
+    native, why = bf16_native(device)
+    choice = f"{' and '.join(auto)} = auto -> {'bfloat16' if native else 'float32'} ({why})"
+    if distributed.ctx().main:
+        print(choice, file=sys.stderr)
+    return choice
 
 
 class RecordBuffer:
