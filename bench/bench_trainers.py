@@ -21,7 +21,7 @@ import evals  # noqa: E402,F401  (registers the evals with the config loader)
 from trainers import make_trainer  # noqa: E402
 from workbench.config import config_from_dict  # noqa: E402
 from workbench.cpu_memory import keep_freed_memory  # noqa: E402
-from workbench.lm import concrete_dtype  # noqa: E402
+from workbench.lm import concrete_dtype, cpu_kernels_for  # noqa: E402
 from workbench.sae_ops import sparse_step_wanted  # noqa: E402
 
 TRAINER_SETTINGS = {
@@ -66,7 +66,8 @@ def make(name: str, d: int, n: int, B: int, k: int, device, compute_dtype: str, 
                                         **({"init_l0": float(k)} if name in NO_K else {"k": k})}})
     acts = synthetic_acts(B * 4, d, device)
     trainer = make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=1000, total_tokens=1000 * B, init_acts_BD=acts[:B],
-                           seed=0, device=device, compute_dtype=compute_dtype, sparse_step=sparse_step)
+                           seed=0, device=device, compute_dtype=compute_dtype, sparse_step=sparse_step,
+                           kernels=cpu_kernels_for(cfg.model, device))  # as a run loads them
     if name == "topk_auxk":
         trainer.tokens_since_fired_F[:int(AUXK_DEAD_FRAC * n)] = trainer.dead_after_tokens
         trainer.count_step = lambda out: None  # the dead set stays as it is

@@ -1,12 +1,16 @@
 """The fast (pair-list) momentum and progressive trainers against a plain dense reference written
 straight from TRAINERS.md sections 3-4: loss value, gradients, momentum state and weights w_i."""
+import shutil
+
 import pytest
 import torch
 
+import trainers.competition as comp
 from tests.helpers import tiny_run_config
 from trainers import make_trainer
 from trainers.competition import cofiring_pairs, max_abs_cosine_F
 from trainers.progressive import schedule_at
+from workbench import cpu_kernels
 
 N, D, B = 48, 10, 64
 
@@ -26,13 +30,14 @@ def dense_s(W_dec):
     return s - torch.diag(torch.diag(s))
 
 
-def make(name, seed, **kw):
+def make(name, seed, kernels=None, **kw):
     base = {"name": name, "k": 6, "lr": 1e-3, "warmup_steps": 0, **kw}
     cfg = tiny_run_config(**base)
     cfg.sae.d_sae = N
     g = torch.Generator().manual_seed(seed)
     acts = torch.randn(B, D, generator=g) @ torch.randn(D, D, generator=g)
-    tr = make_trainer(cfg.trainer, d_in=D, d_sae=N, total_steps=20, total_tokens=20 * B, init_acts_BD=acts, seed=seed)
+    tr = make_trainer(cfg.trainer, d_in=D, d_sae=N, total_steps=20, total_tokens=20 * B, init_acts_BD=acts, seed=seed,
+                      kernels=kernels)
     with torch.no_grad():  # random decoder (unit rows) and a b_enc that makes ReLU codes dense-ish
         W = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1)
         tr.sae.W_dec.copy_(W)
@@ -69,15 +74,40 @@ def dense_n_pairs(latents):
     return int(torch.triu(M.T @ M, diagonal=1).count_nonzero())
 
 
-# "pairs": the pair list (any base); "tokens": per-token co-firing from the TopK codes (the topk base's path)
-PATHS = [("relu", "pairs"), ("topk", "pairs"), ("topk", "tokens")]
+# "pairs": the pair list (any base); "tokens": per-token co-firing from the TopK codes (the topk base's path), its
+# n x n table through the Gram; "tokens+kernel": the same table through the C pair kernel (float32 on a CPU)
+PATHS = [("relu", "pairs"), ("topk", "pairs"), ("topk", "tokens"), ("topk", "tokens+kernel")]
+
+
+@pytest.fixture(scope="module")
+def built_kernels(tmp_path_factory):
+    return cpu_kernels.load(tmp_path_factory.mktemp("kernels")) if shutil.which("cc") else None
+
+
+@pytest.fixture
+def kernels_for(built_kernels, monkeypatch):
+    """path -> the kernels a trainer gets on that path; on the kernel path every table penalty goes through it."""
+    calls, used = [], []
+    apply = comp._PairTableAbsCosine.apply
+    monkeypatch.setattr(comp._PairTableAbsCosine, "apply", lambda *a: calls.append(1) or apply(*a))
+
+    def get(path):
+        if path != "tokens+kernel":
+            return None
+        if built_kernels is None:
+            pytest.skip("no C compiler here: the pair kernel is not built")
+        used.append(path)
+        return built_kernels
+    yield get
+    assert bool(calls) == bool(used)
 
 
 @pytest.mark.parametrize("base,path", PATHS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_momentum_matches_dense_reference(seed, base, path):
+def test_momentum_matches_dense_reference(seed, base, path, kernels_for):
     beta, tau, lam = 0.8, 0.7, 0.3
-    tr, acts = make("momentum", seed, base=base, beta=beta, tau=tau, lambda2=lam, l1_coeff=0.1, l1_warmup_frac=0.0)
+    tr, acts = make("momentum", seed, kernels_for(path), base=base, beta=beta, tau=tau, lambda2=lam, l1_coeff=0.1,
+                    l1_warmup_frac=0.0)
     m_ref = torch.zeros(N, dtype=torch.float64)
     for step in range(3):
         W_ref = tr.sae.W_dec.detach().clone().double().requires_grad_(True)
@@ -88,7 +118,7 @@ def test_momentum_matches_dense_reference(seed, base, path):
         pen = lam * ((w[:, None] + w[None, :]) * c * dense_s(W_ref)).sum() / N
         pen.backward()
         m_before = tr.momentum_F.clone()
-        value, stats = tr.penalty(latents, step / 20, codes if path == "tokens" else None)  # the penalty alone
+        value, stats = tr.penalty(latents, step / 20, codes if path != "pairs" else None)  # the penalty alone
         assert (tr.token_pairs(codes) is not None) == (base == "topk")
         torch.testing.assert_close(value.double(), pen.detach(), rtol=1e-5, atol=1e-7)
         assert stat(stats["cofiring_pairs"]) == dense_n_pairs(latents)
@@ -103,12 +133,13 @@ def test_momentum_matches_dense_reference(seed, base, path):
     assert stat(out.stats["cofiring_pairs"]) > 0 and out.parts["competition"] > 0
 
 
-@pytest.mark.parametrize("path", ["pairs", "tokens"])
+@pytest.mark.parametrize("path", ["pairs", "tokens", "tokens+kernel"])
 @pytest.mark.parametrize("schedule", ["progressive", "static"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_progressive_matches_dense_reference(seed, schedule, path):
+def test_progressive_matches_dense_reference(seed, schedule, path, kernels_for):
     theta0, lam_max, gamma = 0.4, 0.5, 2.0
-    tr, acts = make("progressive", seed, theta0=theta0, lambda2_max=lam_max, gamma=gamma, schedule=schedule)
+    tr, acts = make("progressive", seed, kernels_for(path), theta0=theta0, lambda2_max=lam_max, gamma=gamma,
+                    schedule=schedule)
     for p in (0.0, 0.3, 0.9, 1.0):
         W_ref = tr.sae.W_dec.detach().clone().double().requires_grad_(True)
         _, base_loss, latents, _, codes = tr.base_loss(acts, p)
@@ -120,7 +151,7 @@ def test_progressive_matches_dense_reference(seed, schedule, path):
         c.fill_diagonal_(0)
         pen = lam * (c * dense_s(W_ref)).sum() / N
         pen.backward()
-        value, stats = tr.penalty(latents, p, codes if path == "tokens" else None)
+        value, stats = tr.penalty(latents, p, codes if path != "pairs" else None)
         torch.testing.assert_close(value.double(), pen.detach(), rtol=1e-5, atol=1e-7)
         (g_fast,) = torch.autograd.grad(value, tr.sae.W_dec)
         torch.testing.assert_close(g_fast.double(), W_ref.grad, rtol=1e-4, atol=1e-7)

@@ -125,7 +125,7 @@ def test_no_compiler_gives_the_reason_and_the_harvest_keeps_torchs_ops(tmp_path,
         cpu_kernels.load(tmp_path, "no-such-cc")
     with pytest.raises(cpu_kernels.Unavailable, match="'false' could not build cpu_kernels.c"):
         cpu_kernels.load(tmp_path, "false")
-    model = dataclasses.replace(load_config("run_configs/quickstart.toml").model, cache_dir=str(tmp_path))
+    model = dataclasses.replace(load_config("run_configs/quickstart.toml").model, cache_dir=str(tmp_path), dtype="bfloat16")
     cpu = torch.device("cpu")
     monkeypatch.setenv("CC", "no-such-cc")
     with pytest.warns(UserWarning, match=r"fused CPU kernels off \(no C compiler 'no-such-cc' on PATH\)"):
@@ -136,3 +136,20 @@ def test_no_compiler_gives_the_reason_and_the_harvest_keeps_torchs_ops(tmp_path,
     assert lm.harvest_label(dataclasses.replace(other, fused_kernels=False), cpu) == "hf"
     assert lm.harvest_label(dataclasses.replace(other, dtype="float32"), cpu) == "hf"
     assert lm.harvest_label(other, torch.device("cuda")) == "hf"
+    # the trainers' pair kernel is float32: the library loads for any CPU run with the key on
+    assert lm.cpu_kernels_for(dataclasses.replace(other, dtype="float32"), cpu) is not None
+    assert lm.cpu_kernels_for(dataclasses.replace(other, fused_kernels=False), cpu) is None
+
+
+@pytest.mark.parametrize("n, d, density", [(301, 64, 0.2), (64, 640, 0.9), (50, 7, 0.0)])
+def test_pair_kernel_equals_the_gram_formula(lib, n, d, density):
+    """sum_ij K_ij |w_i . w_j| and KS W (KS = K sign(W W^T)) over a sparse symmetric K, against float64: rows
+    with partner counts that are and are not multiples of four, a row length that is not a vector width, no pairs."""
+    g = torch.Generator().manual_seed(n)
+    W = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    K = torch.triu((torch.rand(n, n, generator=g) < density) * torch.rand(n, n, generator=g), diagonal=1)
+    K = (K + K.T).float()
+    value, half = cpu_kernels.pair_abs_cosine(lib, K, W)
+    G = W.double() @ W.double().T
+    assert value == pytest.approx((K.double() * G.abs()).sum().item(), rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(half.double(), (K.double() * G.sign()) @ W.double(), rtol=1e-5, atol=1e-5)

@@ -57,8 +57,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainerConfig, d_in: int, d_sae: int, total_steps: int, total_tokens: int,
                  init_acts_BD: torch.Tensor, seed: int, device: str | torch.device = "cpu",
-                 compute_dtype: str = "float32", sparse_step: str = "off"):
+                 compute_dtype: str = "float32", sparse_step: str = "off", kernels=None):
         self.cfg, self.total_steps = cfg, total_steps
+        self.kernels = kernels  # workbench.cpu_kernels' library where the run loaded it (CPU), else None: torch ops
         if compute_dtype not in ("float32", "bfloat16"):  # auto is resolved per device first (workbench.lm)
             raise ValueError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
         # bfloat16: the forward (and so its backward) runs under autocast; weights, Adam state, the loss

@@ -267,6 +267,25 @@ class _GramAbsCosine(torch.autograd.Function):
         return grad_out * 2 * KSW_FD, None, None
 
 
+class _PairTableAbsCosine(torch.autograd.Function):
+    """The same value and gradient as _GramAbsCosine, in float32, by the CPU kernel that works on K's nonzeros
+    (the co-firing pairs) only: d flops twice per pair where the Gram spends n^2 d twice (workbench.cpu_kernels;
+    3x faster at the quickstart's size on an AVX2 CPU, bench/bench_trainers.py)."""
+
+    @staticmethod
+    def forward(ctx, W_dec, K_FF, lib):
+        from workbench.cpu_kernels import pair_abs_cosine
+
+        value, KSW_FD = pair_abs_cosine(lib, K_FF.float().contiguous(), W_dec.detach().float().contiguous())
+        ctx.save_for_backward(KSW_FD)
+        return W_dec.new_tensor(value)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (KSW_FD,) = ctx.saved_tensors
+        return grad_out * 2 * KSW_FD, None, None
+
+
 GRAM_MAX_LATENTS = 8192  # the Gram path's n x n float32 matrices stay under 256 MB each
 
 
@@ -278,23 +297,28 @@ def gram_wanted(n: int, B: int, k: int) -> bool:
 def token_pair_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(1/n) sum_{i != j} coef_ij s_ij per token, given omega = coef_ij / C_ij at every occurrence (0 where
-    not both): the path where the Gram is not wanted (gram_wanted; there, gram_penalty on the count table)."""
+    not both): the path where the Gram is not wanted (gram_wanted; there, table_penalty on the count table)."""
     return _TokenPairAbsCosine.apply(W_dec, pairs.idx_Bk, omega_Bkk.float(), dtype) / n
 
 
 def occurrence_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                       dtype: torch.dtype = torch.float32, kernels=None) -> torch.Tensor:
     """(1/n) sum_{i != j} coef_ij s_ij given omega = coef_ij / C_ij at every occurrence (0 where not both):
-    the Gram on the scattered table where gram_wanted, else per token."""
+    on the scattered n x n table where gram_wanted (table_penalty), else per token."""
     B, k = pairs.idx_Bk.shape
     if gram_wanted(n, B, k):
-        return gram_penalty(W_dec, pairs.table(omega_Bkk), n, dtype)
+        return table_penalty(W_dec, pairs.table(omega_Bkk), n, dtype, kernels)
     return token_pair_penalty(W_dec, pairs, omega_Bkk, n, dtype)
 
 
-def gram_penalty(W_dec: torch.Tensor, coef_FF: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(1/n) sum_{i != j} coef_ij s_ij for a dense symmetric coef >= 0 with a zero diagonal (consumed: in
-    float32 it is overwritten with its signed copy)."""
+def table_penalty(W_dec: torch.Tensor, coef_FF: torch.Tensor, n: int, dtype: torch.dtype = torch.float32,
+                  kernels=None) -> torch.Tensor:
+    """(1/n) sum_{i != j} coef_ij s_ij for a dense symmetric coef >= 0 with a zero diagonal (consumed: the Gram
+    path in float32 overwrites it with its signed copy). In float32 on a CPU with the kernels (workbench.cpu_kernels):
+    the pair kernel over coef's nonzeros; else the full Gram in the matmul dtype (bf16 where native: AMX ran the
+    Gram faster than vector code could run the pairs)."""
+    if kernels is not None and dtype == torch.float32 and W_dec.device.type == "cpu":
+        return _PairTableAbsCosine.apply(W_dec, coef_FF, kernels) / n
     return _GramAbsCosine.apply(W_dec, coef_FF, dtype) / n
 
 

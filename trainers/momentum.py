@@ -71,7 +71,7 @@ class MomentumTrainer(CompetitionTrainer):
         if tokens is not None:
             w_Bk = w_F[tokens.idx_Bk]
             omega = (w_Bk[:, :, None] + w_Bk[:, None, :]).mul_(c_occ)
-            value = cfg.lambda2 * occurrence_penalty(self.sae.W_dec, tokens, omega, n, self.penalty_dtype())
+            value = cfg.lambda2 * occurrence_penalty(self.sae.W_dec, tokens, omega, n, self.penalty_dtype(), self.kernels)
             n_pairs = tokens.n_pairs  # counted only when logged (a dedup of the occurrences)
         else:
             coef_P = (w_F[pairs.i] + w_F[pairs.j]) * c_P

@@ -15,8 +15,7 @@ import torch
 
 from trainers.base import register
 from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
-                                  gram_penalty, gram_wanted, max_abs_cosine_F, pair_dots,
-                                  token_pair_penalty)
+                                  gram_wanted, max_abs_cosine_F, pair_dots, table_penalty, token_pair_penalty)
 from workbench.config import configclass, param
 
 SNAPSHOTS = (0.25, 0.5, 0.75, 1.0)
@@ -58,8 +57,8 @@ class ProgressiveTrainer(CompetitionTrainer):
         if tokens is not None and gram_wanted(n, *tokens.idx_Bk.shape):  # c_ij on the n x n table of n_ij
             with torch.no_grad():  # c_ij is not linear in n_ij: the table first, then c elementwise
                 c_FF = tokens.table(tokens.overlap_share_Bkk()).mul_(1 / thr).sub_(1).clamp_(0, 1)  # 0 where n_ij = 0
-            value = lam * gram_penalty(self.sae.W_dec, c_FF, n, self.penalty_dtype())
-            # logged steps only; gram_penalty may have signed c_FF in place, which keeps its zeros and |c|
+            value = lam * table_penalty(self.sae.W_dec, c_FF, n, self.penalty_dtype(), self.kernels)
+            # logged steps only; table_penalty may have signed c_FF in place, which keeps its zeros and |c|
             n_pairs = tokens.n_pairs
             n_pos = lambda: int(torch.count_nonzero(c_FF)) // 2  # noqa: E731
             mean_c = lambda: c_FF.abs().sum().item() / 2 / max(n_pos(), 1)  # noqa: E731

@@ -73,9 +73,10 @@ class ModelConfig:
         "auto", "the training harvest's LM forward: hf (the HuggingFace model cut after the hook's layer; "
                 "resid_post hooks only; 2.2x faster on a CPU) | transformer_lens | auto (hf for the embedded "
                 "model, where a test proves it equal, else transformer_lens). Evals always use TransformerLens")
-    fused_kernels: bool = param(True, "fused bf16 C kernels (RMSNorm; GELU-tanh x up; rotary) in the hf harvest of a Gemma-3 "
-                                      "on a CPU: 1.6x faster LM batches; built once with the system C compiler ($CC "
-                                      "or cc); without one, torch's ops")
+    fused_kernels: bool = param(True, "C kernels on a CPU: fused bf16 RMSNorm, GELU-tanh x up and rotary in the hf harvest "
+                                      "of a Gemma-3 (1.6x faster LM batches), and the momentum / progressive penalty "
+                                      "over co-firing pairs in float32 (3x); built once with the system C compiler "
+                                      "($CC or cc); without one, torch's ops")
     cache_dir: str = param("", "cache for converted embedded weights and built kernels; '' = $SAE_WB_CACHE or "
                                "~/.cache/sae_workbench", path=True)
 

@@ -1,7 +1,9 @@
-/* Fused bfloat16 kernels for the training harvest's HuggingFace forward on a CPU (workbench/cpu_kernels.py).
-   Eager torch runs each as 5-8 elementwise passes with float32 copies between them; here each element is read
-   once, computed in float32 and rounded to bfloat16 once, as torch rounds at the same places. */
+/* CPU kernels (workbench/cpu_kernels.py). Fused bfloat16 kernels for the training harvest's HuggingFace forward:
+   eager torch runs each as 5-8 elementwise passes with float32 copies between them; here each element is read
+   once, computed in float32 and rounded to bfloat16 once, as torch rounds at the same places. And the
+   competition trainers' penalty over their co-firing pairs only (pair_abs_cosine_f32, at the end). */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float bf16_to_float(uint16_t h) {
@@ -94,4 +96,83 @@ void rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint
             }
         }
     }
+}
+
+/* The competition penalty sum_ij K_ij |d_i . d_j| over a dense symmetric coefficient table K (n x n, float32,
+   zero diagonal) and decoder rows W (n x d, float32), with its gradient's half KS W, KS = K * sign(W W^T):
+   only the entries where K != 0 (the co-firing pairs) cost a dot product and an axpy, where the Gram path
+   multiplies all n^2 pairs twice. Each thread owns rows i (no write races; a pair's dot is computed from both
+   of its rows); a row's partners go four at a time, so four dot products run as independent chains and the
+   gradient row is loaded and stored once per four. Returns the value; grad_half (n x d) receives KS W. */
+static inline void pair_block(const float *w_i, float *g_i, const float *const *w, const float *k, int m, int64_t d,
+                              double *row_total) {
+    if (m == 4) {
+        float dot[4], ks[4];
+        float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+        const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+        #pragma omp simd reduction(+:d0, d1, d2, d3)
+        for (int64_t c = 0; c < d; c++) {
+            const float x = w_i[c];
+            d0 += x * w0[c];
+            d1 += x * w1[c];
+            d2 += x * w2[c];
+            d3 += x * w3[c];
+        }
+        dot[0] = d0, dot[1] = d1, dot[2] = d2, dot[3] = d3;
+        for (int t = 0; t < 4; t++) {
+            *row_total += (double)(k[t] * __builtin_fabsf(dot[t]));
+            ks[t] = dot[t] < 0.f ? -k[t] : k[t];
+        }
+        const float s0 = ks[0], s1 = ks[1], s2 = ks[2], s3 = ks[3];
+        #pragma omp simd
+        for (int64_t c = 0; c < d; c++)
+            g_i[c] += (s0 * w0[c] + s1 * w1[c]) + (s2 * w2[c] + s3 * w3[c]);
+        return;
+    }
+    for (int t = 0; t < m; t++) {
+        const float *w_j = w[t];
+        float dt = 0.f;
+        #pragma omp simd reduction(+:dt)
+        for (int64_t c = 0; c < d; c++)
+            dt += w_i[c] * w_j[c];
+        *row_total += (double)(k[t] * __builtin_fabsf(dt));
+        const float s = dt < 0.f ? -k[t] : k[t];
+        #pragma omp simd
+        for (int64_t c = 0; c < d; c++)
+            g_i[c] += s * w_j[c];
+    }
+}
+
+double pair_abs_cosine_f32(const float *K, const float *W, float *grad_half, int64_t n, int64_t d) {
+    double total = 0.0;
+    #pragma omp parallel reduction(+:total)
+    {
+        int64_t *partners = malloc((size_t)n * sizeof(int64_t));
+        #pragma omp for schedule(dynamic, 8)
+        for (int64_t i = 0; i < n; i++) {
+            const float *w_i = W + i * d, *k_row = K + i * n;
+            float *g_i = grad_half + i * d;
+            int64_t m = 0;
+            for (int64_t j = 0; j < n; j++) {
+                partners[m] = j;
+                m += k_row[j] != 0.f;
+            }
+            for (int64_t c = 0; c < d; c++)
+                g_i[c] = 0.f;
+            double row_total = 0.0;
+            for (int64_t t = 0; t < m; t += 4) {
+                const int block = m - t < 4 ? (int)(m - t) : 4;
+                const float *w[4];
+                float k[4];
+                for (int u = 0; u < block; u++) {
+                    w[u] = W + partners[t + u] * d;
+                    k[u] = k_row[partners[t + u]];
+                }
+                pair_block(w_i, g_i, w, k, block, d, &row_total);
+            }
+            total += row_total;
+        }
+        free(partners);
+    }
+    return total;
 }

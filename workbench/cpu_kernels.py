@@ -1,7 +1,8 @@
-"""Fused bfloat16 CPU kernels for the training harvest's HuggingFace Gemma-3 forward, each one pass
-(cpu_kernels.c): RMSNorm, GELU-tanh times the up projection, and the rotary embedding. Eager torch has no fused
-CPU kernels for these: it ran them as 5-8 elementwise passes each, ~60% of a harvest batch on a 2-core CPU
-(notes.txt, sessions 10-11).
+"""CPU kernels (cpu_kernels.c): fused bfloat16 kernels for the training harvest's HuggingFace Gemma-3 forward,
+each one pass: RMSNorm, GELU-tanh times the up projection, and the rotary embedding; and the competition
+trainers' penalty over their co-firing pairs (pair_abs_cosine). Eager torch has no fused CPU kernels for the
+first three: it ran them as 5-8 elementwise passes each, ~60% of a harvest batch on a 2-core CPU (notes.txt,
+sessions 10-11); nor a product over a sparse pattern that is as fast as the penalty's dense Gram (session 12).
 
 The C source is compiled once per machine with the system C compiler ($CC, else cc) into the cache directory
 and loaded with ctypes; its OpenMP is the libgomp torch already loaded, so both share one thread pool.
@@ -67,6 +68,8 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.gelu_tanh_mul_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     lib.rope_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7
+    lib.pair_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    lib.pair_abs_cosine_f32.restype = ctypes.c_double
     return lib
 
 
@@ -112,6 +115,16 @@ def rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     B, H, T, d = x.shape
     lib.rope_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), B, H, T, d, *x.stride()[:3])
     return out
+
+
+def pair_abs_cosine(lib: ctypes.CDLL, K_FF: torch.Tensor, W_FD: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(sum_ij K_ij |w_i . w_j|, KS W with KS = K * sign(W W^T)) for a dense symmetric float32 K >= 0 with a zero
+    diagonal and float32 rows W, both contiguous on a CPU: the work is the nonzeros of K, not n^2."""
+    assert K_FF.dtype == W_FD.dtype == torch.float32 and K_FF.is_contiguous() and W_FD.is_contiguous()
+    n, d = W_FD.shape
+    assert K_FF.shape == (n, n)
+    half_FD = torch.empty_like(W_FD)
+    return lib.pair_abs_cosine_f32(K_FF.data_ptr(), W_FD.data_ptr(), half_FD.data_ptr(), n, d), half_FD
 
 
 def _fused_rotary(original, lib: ctypes.CDLL):

@@ -230,11 +230,10 @@ def harvest_path(cfg: ModelConfig) -> str:
 _kernel_outcome: dict[Path, object] = {}  # cache dir -> the loaded kernels, or None where they failed (warned once)
 
 
-def fused_kernels(cfg: ModelConfig, device: torch.device):
-    """The fused CPU kernels (workbench/cpu_kernels.py) where the hf harvest runs a Gemma-3 in bf16 on a CPU with
-    model.fused_kernels on, else None; where they cannot be built, one warning and None (torch's ops)."""
-    if not (cfg.fused_kernels and harvest_path(cfg) == "hf" and "gemma-3" in cfg.name and device.type == "cpu"
-            and concrete_dtype(cfg.dtype, device) == "bfloat16"):
+def cpu_kernels_for(cfg: ModelConfig, device: torch.device):
+    """workbench/cpu_kernels.py's library on a CPU with model.fused_kernels on (built once per cache directory),
+    else None; where it cannot be built, one warning and None (torch's ops)."""
+    if not (cfg.fused_kernels and device.type == "cpu"):
         return None
     from workbench import cpu_kernels
 
@@ -244,9 +243,17 @@ def fused_kernels(cfg: ModelConfig, device: torch.device):
             _kernel_outcome[root] = cpu_kernels.load(root)
         except cpu_kernels.Unavailable as e:
             _kernel_outcome[root] = None
-            warnings.warn(f"fused CPU kernels off ({e}): the harvest uses torch's ops, ~1.6x slower per LM batch; "
-                          f"install a C compiler, or set model.fused_kernels=false to silence this", stacklevel=2)
+            warnings.warn(f"fused CPU kernels off ({e}): torch's ops instead (a bf16 harvest ~1.6x slower per LM batch, "
+                          f"the momentum / progressive penalty in float32 ~3x); install a C compiler, or set "
+                          f"model.fused_kernels=false to silence this", stacklevel=2)
     return _kernel_outcome[root]
+
+
+def fused_kernels(cfg: ModelConfig, device: torch.device):
+    """The CPU kernels where the hf harvest runs a Gemma-3 in bf16 on a CPU (cpu_kernels_for), else None."""
+    if not (harvest_path(cfg) == "hf" and "gemma-3" in cfg.name and concrete_dtype(cfg.dtype, device) == "bfloat16"):
+        return None
+    return cpu_kernels_for(cfg, device)
 
 
 def harvest_label(cfg: ModelConfig, device: torch.device) -> str:

@@ -21,7 +21,7 @@ from transformers import set_seed
 from workbench.activations import ActivationScaler, MixingBuffer
 from workbench import distributed
 from workbench.config import RunConfig, config_to_dict, sweep_runs, to_toml
-from workbench.lm import bf16_native, cache_root, harvest_label, resolve_auto_dtypes, resolve_device
+from workbench.lm import bf16_native, cache_root, cpu_kernels_for, harvest_label, resolve_auto_dtypes, resolve_device
 from workbench.phases import Phases
 from workbench.record import absorption_null_control, final_info
 from workbench.rundir import CHECKPOINT, FINAL_INFO, save_checkpoint, trim_log
@@ -30,7 +30,7 @@ from workbench.stream import ActivationStream, LazyLM
 from workbench.training import train
 
 # make_trainer(trainer_cfg, d_in=, d_sae=, total_steps=, total_tokens=, init_acts_BD=, seed=, device=, compute_dtype=,
-#              sparse_step=)
+#              sparse_step=, kernels=)
 MakeTrainer = Callable[..., object]
 # evaluate(cfg, model, saes, artifacts_dir, phases) -> (per SAE {final_info key: result}, skipped {name: reason})
 Evaluate = Callable[..., tuple[list[dict], dict]]
@@ -96,7 +96,8 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
     trainers = [make_trainer(run_cfg.trainer, d_in=d_in, d_sae=cfg.sae.d_sae, total_steps=cfg.total_steps,
                              total_tokens=cfg.total_steps * cfg.sae.batch_size, init_acts_BD=init_acts,
                              seed=cfg.seed, device=device, compute_dtype=cfg.sae.compute_dtype,
-                             sparse_step=cfg.sae.sparse_step) for _, run_cfg in runs]
+                             sparse_step=cfg.sae.sparse_step, kernels=cpu_kernels_for(cfg.model, device))
+                for _, run_cfg in runs]
     if ckpt is not None:
         for trainer, state in zip(trainers, ckpt["trainers"]):
             trainer.load_state_dict(state)
