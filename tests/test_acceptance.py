@@ -1,7 +1,8 @@
 """Acceptance test in SAEBench's style: a small fixed SAE stored in tests/data/acceptance_sae (a
 512-latent TopK, k 32, on the embedded model's layer-6 residual) is evaluated through the real entry
 point `python evals/run.py` on the real embedded model, and must reproduce the stored core, absorption
-and sae_probes numbers in tests/data/acceptance_expected.json within the tolerances below.
+and sae_probes numbers in tests/data/acceptance_expected.json (one set per LM dtype: quickstart.toml's auto
+picks bfloat16 or float32 by the CPU) within the tolerances below.
 
 Absorption is sized for a test here (1500 words sampled uniformly, >= 10 letters; the quickstart uses
 150 words per letter and 20 letters); sae_probes runs on two of its datasets without the raw-activation baseline. Seeds are applied, so on one machine the numbers repeat exactly; the tolerances allow for
@@ -64,7 +65,9 @@ def evaluated(tmp_path_factory):
 
 
 def test_fixed_sae_reproduces_stored_core_absorption_and_probing_numbers(evaluated):
-    expected = json.loads((DATA / "acceptance_expected.json").read_text())
+    # quickstart.toml's LM dtype is auto: bfloat16 or float32 by the CPU, each with its stored numbers
+    llm_dtype = evaluated["core evaluation results"]["eval_cfg"]["llm_dtype"]
+    expected = json.loads((DATA / "acceptance_expected.json").read_text())[llm_dtype]
     got = observed(evaluated)
     off = {k: (got[k], expected[k]) for k in TOLERANCE if abs(got[k] - expected[k]) > TOLERANCE[k]}
     assert not off, f"outside tolerance (got, expected): {off}"

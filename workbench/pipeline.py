@@ -178,14 +178,15 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
 
 
 def dtype_choice(cfg: RunConfig, device: torch.device) -> str | None:
-    """What dtype = auto chose and why (None where no dtype key is auto), said once on stderr."""
+    """What dtype = auto chose and why (None where no dtype key is auto), said once on stderr with the progress
+    output (an error stays the only line a run without it prints)."""
     auto = [key for key, value in (("model.dtype", cfg.model.dtype), ("sae.compute_dtype", cfg.sae.compute_dtype))
             if value == "auto"]
     if not auto:
         return None
     native, why = bf16_native(device)
     choice = f"{' and '.join(auto)} = auto -> {'bfloat16' if native else 'float32'} ({why})"
-    if distributed.ctx().main:
+    if cfg.log.progress and distributed.ctx().main:
         print(choice, file=sys.stderr)
     return choice
 
