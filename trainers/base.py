@@ -59,7 +59,9 @@ class Trainer:
                  init_acts_BD: torch.Tensor, seed: int, device: str | torch.device = "cpu",
                  compute_dtype: str = "float32", sparse_step: str = "off", kernels=None):
         self.cfg, self.total_steps = cfg, total_steps
-        self.kernels = kernels  # workbench.cpu_kernels' library where the run loaded it (CPU), else None: torch ops
+        # workbench.cpu_kernels' library (CPU runs), or a function that loads it when a step first asks (so runs whose
+        # trainers never use it never build it), or None: torch's ops
+        self._kernels = kernels
         if compute_dtype not in ("float32", "bfloat16"):  # auto is resolved per device first (workbench.lm)
             raise ValueError(f"compute_dtype must be float32 or bfloat16, got {compute_dtype!r}")
         # bfloat16: the forward (and so its backward) runs under autocast; weights, Adam state, the loss
@@ -105,6 +107,13 @@ class Trainer:
     @property
     def dead_mask_F(self) -> torch.Tensor:
         return self.tokens_since_fired_F >= self.dead_after_tokens
+
+    @property
+    def kernels(self):
+        """The CPU kernels for this trainer's steps, or None (loaded on first use where given as a function)."""
+        if callable(self._kernels):
+            self._kernels = self._kernels()
+        return self._kernels
 
     def step(self, acts_BD: torch.Tensor) -> StepOutput:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):

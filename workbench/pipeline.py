@@ -96,7 +96,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
     trainers = [make_trainer(run_cfg.trainer, d_in=d_in, d_sae=cfg.sae.d_sae, total_steps=cfg.total_steps,
                              total_tokens=cfg.total_steps * cfg.sae.batch_size, init_acts_BD=init_acts,
                              seed=cfg.seed, device=device, compute_dtype=cfg.sae.compute_dtype,
-                             sparse_step=cfg.sae.sparse_step, kernels=cpu_kernels_for(cfg.model, device))
+                             sparse_step=cfg.sae.sparse_step, kernels=lambda: cpu_kernels_for(cfg.model, device))
                 for _, run_cfg in runs]
     if ckpt is not None:
         for trainer, state in zip(trainers, ckpt["trainers"]):
