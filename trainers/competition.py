@@ -267,10 +267,10 @@ class _GramAbsCosine(torch.autograd.Function):
         return grad_out * 2 * KSW_FD, None, None
 
 
-class _PairTableAbsCosine(torch.autograd.Function):
-    """The same value and gradient as _GramAbsCosine, in float32, by the CPU kernel that works on K's nonzeros
-    (the co-firing pairs) only: d flops twice per pair where the Gram spends n^2 d twice (workbench.cpu_kernels;
-    3x faster at the quickstart's size on an AVX2 CPU, bench/bench_trainers.py)."""
+class _PairTableAbsCosine(_GramAbsCosine):
+    """The same value and gradient as _GramAbsCosine (its backward, 2 KS W), in float32, by the CPU kernel that
+    works on K's nonzeros (the co-firing pairs) only: d flops twice per pair where the Gram spends n^2 d twice
+    (workbench.cpu_kernels; 3x faster at the quickstart's size on an AVX2 CPU, bench/bench_trainers.py)."""
 
     @staticmethod
     def forward(ctx, W_dec, K_FF, lib):
@@ -279,11 +279,6 @@ class _PairTableAbsCosine(torch.autograd.Function):
         value, KSW_FD = pair_abs_cosine(lib, K_FF.float().contiguous(), W_dec.detach().float().contiguous())
         ctx.save_for_backward(KSW_FD)
         return W_dec.new_tensor(value)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (KSW_FD,) = ctx.saved_tensors
-        return grad_out * 2 * KSW_FD, None, None
 
 
 GRAM_MAX_LATENTS = 8192  # the Gram path's n x n float32 matrices stay under 256 MB each
