@@ -75,7 +75,7 @@ def dense_n_pairs(latents):
 
 
 # "pairs": the pair list (any base); "tokens": per-token co-firing from the TopK codes (the topk base's path), its
-# n x n table through the Gram; "tokens+kernel": the same table through the C pair kernel (float32 on a CPU)
+# n x n table through the Gram; "tokens+kernel": the table by rows through the C pair kernel (float32 on a CPU)
 PATHS = [("relu", "pairs"), ("topk", "pairs"), ("topk", "tokens"), ("topk", "tokens+kernel")]
 
 
@@ -88,8 +88,8 @@ def built_kernels(tmp_path_factory):
 def kernels_for(built_kernels, monkeypatch):
     """path -> the kernels a trainer gets on that path; on the kernel path every table penalty goes through it."""
     calls, used = [], []
-    apply = comp._PairTableAbsCosine.apply
-    monkeypatch.setattr(comp._PairTableAbsCosine, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = comp._PairRowsAbsCosine.apply
+    monkeypatch.setattr(comp._PairRowsAbsCosine, "apply", lambda *a: calls.append(1) or apply(*a))
 
     def get(path):
         if path != "tokens+kernel":

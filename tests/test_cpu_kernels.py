@@ -141,15 +141,51 @@ def test_no_compiler_gives_the_reason_and_the_harvest_keeps_torchs_ops(tmp_path,
     assert lm.cpu_kernels_for(dataclasses.replace(other, fused_kernels=False), cpu) is None
 
 
+def rows_of(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A dense table's nonzeros by row (CSR), each row's columns shuffled: the kernel takes them in any order."""
+    n = K.shape[0]
+    r, c = K.nonzero(as_tuple=True)
+    order = torch.argsort(r * n + torch.randperm(n, generator=torch.Generator().manual_seed(0))[c])
+    row_ptr = torch.zeros(n + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(torch.bincount(r, minlength=n), 0)
+    return row_ptr, c[order].int(), K[r, c][order].float()
+
+
 @pytest.mark.parametrize("n, d, density", [(301, 64, 0.2), (64, 640, 0.9), (50, 7, 0.0)])
 def test_pair_kernel_equals_the_gram_formula(lib, n, d, density):
-    """sum_ij K_ij |w_i . w_j| and KS W (KS = K sign(W W^T)) over a sparse symmetric K, against float64: rows
-    with partner counts that are and are not multiples of four, a row length that is not a vector width, no pairs."""
+    """sum_ij K_ij |w_i . w_j| and KS W (KS = K sign(W W^T)) over a sparse symmetric K given by rows, against
+    float64: rows with partner counts that are and are not multiples of four, a row length that is not a vector
+    width, no pairs; stored zeros are skipped."""
     g = torch.Generator().manual_seed(n)
     W = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
     K = torch.triu((torch.rand(n, n, generator=g) < density) * torch.rand(n, n, generator=g), diagonal=1)
     K = (K + K.T).float()
-    value, half = cpu_kernels.pair_abs_cosine(lib, K, W)
+    row_ptr, cols, vals = rows_of(K)
+    if vals.numel():
+        vals[::3] = 0.0  # stored zeros: progressive's clamp leaves them in place
+        K = torch.zeros_like(K).index_put_((torch.repeat_interleave(torch.arange(n), row_ptr.diff()), cols.long()), vals)
+    value, half = cpu_kernels.pair_rows_abs_cosine(lib, row_ptr, cols, vals, W)
     G = W.double() @ W.double().T
     assert value == pytest.approx((K.double() * G.abs()).sum().item(), rel=1e-6, abs=1e-9)
     torch.testing.assert_close(half.double(), (K.double() * G.sign()) @ W.double(), rtol=1e-5, atol=1e-5)
+    assert cpu_kernels.pair_rows_abs_cosine(lib, row_ptr, cols, vals, W)[0] == value  # the same bits again
+
+
+@pytest.mark.parametrize("B, k, n", [(64, 8, 40), (300, 5, 1000), (1, 3, 4)])
+def test_pair_table_rows_equal_the_scattered_table(lib, B, k, n):
+    """K_ij = sum over the occurrences of (i, j) of omega, by rows: against one index_add into the dense n x n
+    table; pairs that recur over tokens sum, zero weights (absent pairs, the diagonal) give no entry, each row
+    lists a partner once, and latents that never fire have empty rows."""
+    g = torch.Generator().manual_seed(B)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)])
+    active = torch.rand(B, k, generator=g) < 0.8
+    omega = (active[:, :, None] & active[:, None, :] & ~torch.eye(k, dtype=torch.bool)) * torch.rand(B, k, k, generator=g)
+    omega = (omega + omega.transpose(1, 2)).float()
+    dense = torch.zeros(n * n).index_add_(0, (idx[:, :, None] * n + idx[:, None, :]).flatten(), omega.flatten()).view(n, n)
+    row_ptr, cols, vals = cpu_kernels.pair_table_rows(lib, idx, omega, n)
+    rows = torch.repeat_interleave(torch.arange(n), row_ptr.diff())
+    assert (vals > 0).all() and len(set(zip(rows.tolist(), cols.tolist()))) == vals.numel()
+    assert vals.numel() == int(dense.count_nonzero())
+    torch.testing.assert_close(dense[rows, cols.long()], vals, rtol=1e-6, atol=0)
+    if n == 1000:
+        assert (row_ptr.diff() == 0).any()  # some latents never fire in 300 x 5 draws of 1000

@@ -143,6 +143,17 @@ COUNT_TABLE_MAX = 1 << 24       # n^2 up to this: occurrence counts by one binco
 
 
 @dataclass
+class PairTable:
+    """A symmetric n x n table of per-pair sums (both orders, zero diagonal), dense (`values` is n x n, for the Gram
+    path) or by rows (CSR: row i's partners cols[row_ptr[i]:row_ptr[i + 1]], their sums `values`; for the CPU pair
+    kernel `kernels`). Elementwise maps that keep 0 at 0 may act on `values` in place, in either form."""
+    values: torch.Tensor
+    row_ptr: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    kernels: object = None  # the ctypes library that built the rows (and runs the penalty on them)
+
+
+@dataclass
 class TokenPairs:
     """Co-firing occurrences of one batch of TopK codes: entry r of token b is latent idx_Bk[b, r]."""
     idx_Bk: torch.Tensor
@@ -183,14 +194,20 @@ class TokenPairs:
         return self._counts
 
     @torch.no_grad()
-    def table(self, values_Bkk: torch.Tensor) -> torch.Tensor:
-        """sum_{occurrences of (i, j)} v as a dense n x n float32 table (both orders; v must be 0 where not
-        both, the diagonal included): one scatter, for the Gram path."""
+    def table(self, values_Bkk: torch.Tensor, kernels=None) -> "PairTable":
+        """sum_{occurrences of (i, j)} v per pair, both orders (v must be 0 where not both, the diagonal included):
+        with the CPU kernels (pair_kernels), by rows, built without the n x n; else one scatter into the dense
+        n x n float32 table the Gram path reads."""
         n = self.fires_F.shape[0]
+        if kernels is not None:
+            from workbench.cpu_kernels import pair_table_rows
+
+            row_ptr, cols, vals = pair_table_rows(kernels, self.idx_Bk.contiguous(), values_Bkk.float().contiguous(), n)
+            return PairTable(vals, row_ptr, cols, kernels)
         keys = self.idx_Bk[:, :, None] * n + self.idx_Bk[:, None, :]
         # every occurrence scattered, zeros included: cheaper than compacting
-        return torch.zeros(n * n, dtype=torch.float32, device=keys.device).index_add_(
-            0, keys.flatten(), values_Bkk.flatten().float()).view(n, n)
+        return PairTable(torch.zeros(n * n, dtype=torch.float32, device=keys.device).index_add_(
+            0, keys.flatten(), values_Bkk.flatten().float()).view(n, n))
 
     @torch.no_grad()
     def overlap_share_Bkk(self) -> torch.Tensor:
@@ -267,18 +284,29 @@ class _GramAbsCosine(torch.autograd.Function):
         return grad_out * 2 * KSW_FD, None, None
 
 
-class _PairTableAbsCosine(_GramAbsCosine):
+class _PairRowsAbsCosine(torch.autograd.Function):
     """The same value and gradient as _GramAbsCosine (its backward, 2 KS W), in float32, by the CPU kernel that
-    works on K's nonzeros (the co-firing pairs) only: d flops twice per pair where the Gram spends n^2 d twice
-    (workbench.cpu_kernels; 3x faster at the quickstart's size on an AVX2 CPU, bench/bench_trainers.py)."""
+    works on K's nonzeros (the co-firing pairs) by rows: d flops twice per pair where the Gram spends n^2 d twice
+    (workbench.cpu_kernels; bench/bench_trainers.py)."""
 
     @staticmethod
-    def forward(ctx, W_dec, K_FF, lib):
-        from workbench.cpu_kernels import pair_abs_cosine
+    def forward(ctx, W_dec, row_ptr, cols, vals, lib):
+        from workbench.cpu_kernels import pair_rows_abs_cosine
 
-        value, KSW_FD = pair_abs_cosine(lib, K_FF.float().contiguous(), W_dec.detach().float().contiguous())
+        value, KSW_FD = pair_rows_abs_cosine(lib, row_ptr, cols, vals, W_dec.detach().float().contiguous())
         ctx.save_for_backward(KSW_FD)
         return W_dec.new_tensor(value)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_W = _GramAbsCosine.backward(ctx, grad_out)[0]  # 2 KS W, saved the same way
+        return grad_W, None, None, None, None
+
+
+def pair_kernels(W_dec: torch.Tensor, dtype: torch.dtype, kernels):
+    """The CPU kernels where the pair kernel applies (float32 on a CPU), else None: the Gram in the matmul dtype
+    (bf16 where native: AMX ran the Gram faster than vector code could run the pairs)."""
+    return kernels if kernels is not None and dtype == torch.float32 and W_dec.device.type == "cpu" else None
 
 
 GRAM_MAX_LATENTS = 8192  # the Gram path's n x n float32 matrices stay under 256 MB each
@@ -299,22 +327,20 @@ def token_pair_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.
 def occurrence_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
                        dtype: torch.dtype = torch.float32, kernels=None) -> torch.Tensor:
     """(1/n) sum_{i != j} coef_ij s_ij given omega = coef_ij / C_ij at every occurrence (0 where not both):
-    on the scattered n x n table where gram_wanted (table_penalty), else per token."""
+    on the pair table where gram_wanted (table_penalty), else per token."""
     B, k = pairs.idx_Bk.shape
     if gram_wanted(n, B, k):
-        return table_penalty(W_dec, pairs.table(omega_Bkk), n, dtype, kernels)
+        return table_penalty(W_dec, pairs.table(omega_Bkk, pair_kernels(W_dec, dtype, kernels)), n, dtype)
     return token_pair_penalty(W_dec, pairs, omega_Bkk, n, dtype)
 
 
-def table_penalty(W_dec: torch.Tensor, coef_FF: torch.Tensor, n: int, dtype: torch.dtype = torch.float32,
-                  kernels=None) -> torch.Tensor:
-    """(1/n) sum_{i != j} coef_ij s_ij for a dense symmetric coef >= 0 with a zero diagonal (consumed: the Gram
-    path in float32 overwrites it with its signed copy). In float32 on a CPU with the kernels (workbench.cpu_kernels):
-    the pair kernel over coef's nonzeros; else the full Gram in the matmul dtype (bf16 where native: AMX ran the
-    Gram faster than vector code could run the pairs)."""
-    if kernels is not None and dtype == torch.float32 and W_dec.device.type == "cpu":
-        return _PairTableAbsCosine.apply(W_dec, coef_FF, kernels) / n
-    return _GramAbsCosine.apply(W_dec, coef_FF, dtype) / n
+def table_penalty(W_dec: torch.Tensor, table: PairTable, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(1/n) sum_{i != j} coef_ij s_ij for a symmetric table of coef >= 0 with a zero diagonal: by rows, the pair
+    kernel over its nonzeros; dense, the full Gram in the matmul dtype (consumed: in float32 it overwrites the
+    table with its signed copy)."""
+    if table.row_ptr is not None:
+        return _PairRowsAbsCosine.apply(W_dec, table.row_ptr, table.cols, table.values, table.kernels) / n
+    return _GramAbsCosine.apply(W_dec, table.values, dtype) / n
 
 
 def competition_penalty(W_dec: torch.Tensor, pairs: CoFiring, coef_P: torch.Tensor, n: int):

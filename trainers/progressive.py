@@ -15,7 +15,8 @@ import torch
 
 from trainers.base import register
 from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
-                                  gram_wanted, max_abs_cosine_F, pair_dots, table_penalty, token_pair_penalty)
+                                  gram_wanted, max_abs_cosine_F, pair_dots, pair_kernels, table_penalty,
+                                  token_pair_penalty)
 from workbench.config import configclass, param
 
 SNAPSHOTS = (0.25, 0.5, 0.75, 1.0)
@@ -54,14 +55,16 @@ class ProgressiveTrainer(CompetitionTrainer):
         n = self.sae.d_sae
         self._last_latents = latents_BF.detach()
         tokens = self.token_pairs(codes)
-        if tokens is not None and gram_wanted(n, *tokens.idx_Bk.shape):  # c_ij on the n x n table of n_ij
-            with torch.no_grad():  # c_ij is not linear in n_ij: the table first, then c elementwise
-                c_FF = tokens.table(tokens.overlap_share_Bkk()).mul_(1 / thr).sub_(1).clamp_(0, 1)  # 0 where n_ij = 0
-            value = lam * table_penalty(self.sae.W_dec, c_FF, n, self.penalty_dtype(), self.kernels)
-            # logged steps only; table_penalty may have signed c_FF in place, which keeps its zeros and |c|
+        if tokens is not None and gram_wanted(n, *tokens.idx_Bk.shape):  # c_ij on the table of n_ij
+            dtype = self.penalty_dtype()
+            with torch.no_grad():  # c_ij is not linear in n_ij: the table first, then c elementwise (0 where n_ij = 0)
+                table = tokens.table(tokens.overlap_share_Bkk(), pair_kernels(self.sae.W_dec, dtype, self.kernels))
+                table.values.mul_(1 / thr).sub_(1).clamp_(0, 1)
+            value = lam * table_penalty(self.sae.W_dec, table, n, dtype)
+            # logged steps only; table_penalty may have signed a dense table in place, which keeps its zeros and |c|
             n_pairs = tokens.n_pairs
-            n_pos = lambda: int(torch.count_nonzero(c_FF)) // 2  # noqa: E731
-            mean_c = lambda: c_FF.abs().sum().item() / 2 / max(n_pos(), 1)  # noqa: E731
+            n_pos = lambda: int(torch.count_nonzero(table.values)) // 2  # noqa: E731
+            mean_c = lambda: table.values.abs().sum().item() / 2 / max(n_pos(), 1)  # noqa: E731
         elif tokens is not None:  # c_ij at every occurrence; the sums over pairs weigh each by 1 / C_ij
             with torch.no_grad():
                 per_pair = tokens.both_Bkk / tokens.counts_Bkk()

@@ -1,6 +1,6 @@
 """CPU kernels (cpu_kernels.c): fused bfloat16 kernels for the training harvest's HuggingFace Gemma-3 forward,
 each one pass: RMSNorm, GELU-tanh times the up projection, and the rotary embedding; and the competition
-trainers' penalty over their co-firing pairs (pair_abs_cosine). Eager torch has no fused CPU kernels for the
+trainers' penalty over their co-firing pairs (pair_table_rows, pair_rows_abs_cosine). Eager torch has no fused CPU kernels for the
 first three: it ran them as 5-8 elementwise passes each, ~60% of a harvest batch on a 2-core CPU (notes.txt,
 sessions 10-11); nor a product over a sparse pattern that is as fast as the penalty's dense Gram (session 12).
 
@@ -68,8 +68,11 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.gelu_tanh_mul_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     lib.rope_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7
-    lib.pair_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
-    lib.pair_abs_cosine_f32.restype = ctypes.c_double
+    lib.pair_rows_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
+    lib.pair_rows_abs_cosine_f32.restype = ctypes.c_double
+    lib.pair_table_count.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.pair_table_fill.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+    lib.pair_table_count.restype = lib.pair_table_fill.restype = ctypes.c_int64
     return lib
 
 
@@ -117,14 +120,38 @@ def rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return out
 
 
-def pair_abs_cosine(lib: ctypes.CDLL, K_FF: torch.Tensor, W_FD: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(sum_ij K_ij |w_i . w_j|, KS W with KS = K * sign(W W^T)) for a dense symmetric float32 K >= 0 with a zero
-    diagonal and float32 rows W, both contiguous on a CPU: the work is the nonzeros of K, not n^2."""
-    assert K_FF.dtype == W_FD.dtype == torch.float32 and K_FF.is_contiguous() and W_FD.is_contiguous()
+def pair_table_rows(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor,
+                    n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_ptr, cols, vals): K_ij = the sum of omega[b, r, s] over the occurrences with idx[b, r] = i, idx[b, s] = j,
+    as its nonzero entries by row (CSR, each row's columns in first-seen order), for int64 latent indices idx
+    (B x k, values < n) and float32 weights omega >= 0 (B x k x k, 0 where a pair is absent), both contiguous
+    on a CPU: work B k^2, memory the nonzeros, where the dense table costs n^2."""
+    assert idx_Bk.dtype == torch.int64 and omega_Bkk.dtype == torch.float32
+    assert idx_Bk.is_contiguous() and omega_Bkk.is_contiguous()
+    B, k = idx_Bk.shape
+    assert omega_Bkk.shape == (B, k, k)
+    row_ptr = torch.empty(n + 1, dtype=torch.int64)
+    nnz = lib.pair_table_count(idx_Bk.data_ptr(), omega_Bkk.data_ptr(), B, k, n, row_ptr.data_ptr())
+    cols, vals = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.float32)
+    lib.pair_table_fill(idx_Bk.data_ptr(), omega_Bkk.data_ptr(), B, k, n, row_ptr.data_ptr(), cols.data_ptr(),
+                        vals.data_ptr())
+    return row_ptr, cols, vals
+
+
+def pair_rows_abs_cosine(lib: ctypes.CDLL, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+                         W_FD: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(sum_ij K_ij |w_i . w_j|, KS W with KS = K * sign(W W^T)) for a symmetric K >= 0 with a zero diagonal given
+    by rows as pair_table_rows gives it (zero entries are skipped) and float32 rows W, all contiguous on a CPU:
+    the work is K's nonzeros, not n^2."""
+    assert row_ptr.dtype == torch.int64 and cols.dtype == torch.int32
+    assert vals.dtype == W_FD.dtype == torch.float32 and W_FD.is_contiguous()
+    assert all(t.is_contiguous() for t in (row_ptr, cols, vals))
     n, d = W_FD.shape
-    assert K_FF.shape == (n, n)
+    assert row_ptr.shape == (n + 1,) and cols.shape == vals.shape == (int(row_ptr[-1]),)
     half_FD = torch.empty_like(W_FD)
-    return lib.pair_abs_cosine_f32(K_FF.data_ptr(), W_FD.data_ptr(), half_FD.data_ptr(), n, d), half_FD
+    value = lib.pair_rows_abs_cosine_f32(row_ptr.data_ptr(), cols.data_ptr(), vals.data_ptr(), W_FD.data_ptr(),
+                                         half_FD.data_ptr(), n, d)
+    return value, half_FD
 
 
 def _fused_rotary(original, lib: ctypes.CDLL):
