@@ -21,7 +21,7 @@ import evals  # noqa: E402,F401  (registers the evals with the config loader)
 from trainers import make_trainer  # noqa: E402
 from workbench.config import config_from_dict  # noqa: E402
 from workbench.cpu_memory import keep_freed_memory  # noqa: E402
-from workbench.lm import concrete_dtype, cpu_kernels_for  # noqa: E402
+from workbench.lm import bf16_native, concrete_dtype, cpu_kernels_for  # noqa: E402
 from workbench.sae_ops import sparse_step_wanted  # noqa: E402
 
 TRAINER_SETTINGS = {
@@ -112,12 +112,18 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="+", default=["quickstart", "gemma2"], choices=list(SIZES))
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="sae.compute_dtype (auto: bfloat16 where the device multiplies it natively, as in a run)")
-    p.add_argument("--trainers", nargs="+", default=list(TRAINER_SETTINGS), choices=list(TRAINER_SETTINGS),
-                   help="which trainers (topk, the reference for the ratios, always runs first)")
+    p.add_argument("--trainers", nargs="+", default=None, choices=list(TRAINER_SETTINGS),
+                   help="which trainers (topk, the reference for the ratios, always runs first); default all, "
+                        "less the bf16-search variants where the device has no native bf16 (emulated: minutes a step)")
     args = p.parse_args(argv)
     keep_freed_memory()  # as experiment.py does
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = concrete_dtype(args.dtype, device)
+    if args.trainers is None:
+        native, why = bf16_native(device)
+        args.trainers = [t for t in TRAINER_SETTINGS if native or not t.endswith("_bf16search")]
+        if not native:
+            print(f"bf16-search variants skipped: {why}")
     roof = matmul_gflops(device, getattr(torch, args.dtype))
     print(f"device={device} threads={torch.get_num_threads()} dtype={args.dtype}: "
           f"matmul roof {roof:.0f} GFLOP/s (2048^3)")
