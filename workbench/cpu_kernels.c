@@ -222,7 +222,7 @@ static int64_t table_rows(const int64_t *idx, const float *omega, int64_t B, int
     {
         float *acc = calloc((size_t)n, sizeof(float));  /* the row's sums so far */
         uint8_t *marked = calloc((size_t)n, 1);         /* its partners listed in seen (each once: m <= n) */
-        int32_t *seen = malloc((size_t)n * sizeof(int32_t));
+        int32_t *seen = malloc(((size_t)n + 1) * sizeof(int32_t));  /* + 1: written before m is known to grow */
         #pragma omp for schedule(dynamic, 16)
         for (int64_t i = 0; i < n; i++) {
             int64_t m = 0;
