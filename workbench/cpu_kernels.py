@@ -1,8 +1,9 @@
 """CPU kernels (cpu_kernels.c): fused bfloat16 kernels for the training harvest's HuggingFace Gemma-3 forward,
 each one pass: RMSNorm, GELU-tanh times the up projection, and the rotary embedding; and the competition
-trainers' penalty over their co-firing pairs (pair_table_rows, pair_rows_abs_cosine). Eager torch has no fused CPU kernels for the
-first three: it ran them as 5-8 elementwise passes each, ~60% of a harvest batch on a 2-core CPU (notes.txt,
-sessions 10-11); nor a product over a sparse pattern that is as fast as the penalty's dense Gram (session 12).
+trainers' penalty over their co-firing pairs (pair_table_rows, pair_rows_abs_cosine). Eager torch has no fused
+CPU kernels for the first three: it ran them as 5-8 elementwise passes each, ~60% of a harvest batch on a 2-core
+CPU (notes.txt, sessions 10-11); nor a product over a sparse pattern that is as fast as the penalty's dense Gram
+(session 12).
 
 The C source is compiled once per machine with the system C compiler ($CC, else cc) into the cache directory
 and loaded with ctypes; its OpenMP is the libgomp torch already loaded, so both share one thread pool.
