@@ -129,6 +129,25 @@ def test_all_presets_are_shipped():
 
 
 @pytest.mark.parametrize("path", SHIPPED)
+def test_presets_on_the_quickstart_setup_train_as_the_quickstart_does(path):
+    """A preset on the quickstart's SAE (embedded model, 2048 latents) trains every one of its trainers with
+    quickstart.toml's lr and warmup, its k where a TopK selection applies (the study's k = 16 / 64 controls
+    aside) and quickstart_relu.toml's l1_coeff on a ReLU base: comparisons between presets are then about the
+    method. Another trainer does not inherit a parent's [trainer] keys (config.py), and a preset that forgot
+    them trained at the library defaults (k 320, Gao's lr, 1000 warmup steps)."""
+    cfg = load_config(path)
+    if (cfg.model.name, cfg.sae.d_sae) != ("gemma-3-270m", 2048):
+        pytest.skip("not the quickstart's SAE")
+    for label, t in [("[trainer]", cfg.trainer), *(cfg.sweep or [])]:
+        relu_base = t.name == "relu" or getattr(t, "base", None) == "relu"
+        assert (t.lr, t.warmup_steps) == (1e-3, 50), (label, t.lr, t.warmup_steps)
+        if relu_base:
+            assert t.l1_coeff == 0.5, label
+        elif hasattr(t, "k") and not label.startswith("topk_k"):
+            assert t.k == 32, (label, t.k)
+
+
+@pytest.mark.parametrize("path", SHIPPED)
 def test_shipped_configs_load_and_round_trip(path, tmp_path):
     cfg = load_config(path)
     text = to_toml(config_to_dict(cfg))
