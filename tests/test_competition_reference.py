@@ -75,8 +75,11 @@ def dense_n_pairs(latents):
 
 
 # "pairs": the pair list (any base); "tokens": per-token co-firing from the TopK codes (the topk base's path), its
-# n x n table through the Gram; "tokens+kernel": the table by rows through the C pair kernel (float32 on a CPU)
-PATHS = [("relu", "pairs"), ("topk", "pairs"), ("topk", "tokens"), ("topk", "tokens+kernel")]
+# n x n table through the Gram; with the C kernels (float32 on a CPU): "tokens+kernel" as a run chooses (momentum:
+# the token kernel or the table by rows, occurrence_penalty; progressive: the table by rows), "tokens+rows" and
+# "tokens+token_kernel" with momentum's choice forced one way
+PATHS = [("relu", "pairs"), ("topk", "pairs"), ("topk", "tokens"), ("topk", "tokens+kernel"), ("topk", "tokens+rows"),
+         ("topk", "tokens+token_kernel")]
 
 
 @pytest.fixture(scope="module")
@@ -88,18 +91,24 @@ def built_kernels(tmp_path_factory):
 def kernels_for(built_kernels, monkeypatch):
     """path -> the kernels a trainer gets on that path; on the kernel path every table penalty goes through it."""
     calls, used = [], []
-    apply = comp._PairRowsAbsCosine.apply
-    monkeypatch.setattr(comp._PairRowsAbsCosine, "apply", lambda *a: calls.append(1) or apply(*a))
+    apply = comp._KernelAbsCosine.apply
+    monkeypatch.setattr(comp._KernelAbsCosine, "apply", lambda W, kernel: calls.append(kernel.func.__name__) or apply(W, kernel))
 
     def get(path):
-        if path != "tokens+kernel":
+        if not path.startswith("tokens+"):
             return None
         if built_kernels is None:
             pytest.skip("no C compiler here: the pair kernel is not built")
+        share = {"tokens+rows": float("inf"), "tokens+token_kernel": 0.0}.get(path, comp.TABLE_SHARE_FOR_TOKENS)
+        monkeypatch.setattr(comp, "TABLE_SHARE_FOR_TOKENS", share)
         used.append(path)
         return built_kernels
     yield get
     assert bool(calls) == bool(used)
+    if "tokens+token_kernel" in used:
+        assert set(calls) == {"token_pairs_abs_cosine"}
+    if "tokens+rows" in used:
+        assert set(calls) == {"pair_rows_abs_cosine"}
 
 
 @pytest.mark.parametrize("base,path", PATHS)
@@ -133,7 +142,7 @@ def test_momentum_matches_dense_reference(seed, base, path, kernels_for):
     assert stat(out.stats["cofiring_pairs"]) > 0 and out.parts["competition"] > 0
 
 
-@pytest.mark.parametrize("path", ["pairs", "tokens", "tokens+kernel"])
+@pytest.mark.parametrize("path", ["pairs", "tokens", "tokens+kernel"])  # progressive: always the table
 @pytest.mark.parametrize("schedule", ["progressive", "static"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_progressive_matches_dense_reference(seed, schedule, path, kernels_for):

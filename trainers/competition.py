@@ -10,6 +10,7 @@ active latents (sum_b L0_b^2 / 2 pair occurrences), deduplicated with their coun
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -284,23 +285,21 @@ class _GramAbsCosine(torch.autograd.Function):
         return grad_out * 2 * KSW_FD, None, None
 
 
-class _PairRowsAbsCosine(torch.autograd.Function):
-    """The same value and gradient as _GramAbsCosine (its backward, 2 KS W), in float32, by the CPU kernel that
-    works on K's nonzeros (the co-firing pairs) by rows: d flops twice per pair where the Gram spends n^2 d twice
-    (workbench.cpu_kernels; bench/bench_trainers.py)."""
+class _KernelAbsCosine(torch.autograd.Function):
+    """The same value and gradient as _GramAbsCosine (its backward, 2 KS W), in float32, from a CPU kernel that takes
+    W and returns (value, KS W) working on K's nonzeros only (the co-firing pairs): by rows of the table
+    (pair_rows_abs_cosine) or token by token (token_pairs_abs_cosine), d flops a few times per pair where the Gram
+    spends n^2 d twice (workbench.cpu_kernels; bench/bench_trainers.py)."""
 
     @staticmethod
-    def forward(ctx, W_dec, row_ptr, cols, vals, lib):
-        from workbench.cpu_kernels import pair_rows_abs_cosine
-
-        value, KSW_FD = pair_rows_abs_cosine(lib, row_ptr, cols, vals, W_dec.detach().float().contiguous())
+    def forward(ctx, W_dec, kernel):
+        value, KSW_FD = kernel(W_dec.detach().float().contiguous())
         ctx.save_for_backward(KSW_FD)
         return W_dec.new_tensor(value)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_W = _GramAbsCosine.backward(ctx, grad_out)[0]  # 2 KS W, saved the same way
-        return grad_W, None, None, None, None
+        return _GramAbsCosine.backward(ctx, grad_out)[0], None  # 2 KS W, saved the same way
 
 
 def pair_kernels(W_dec: torch.Tensor, dtype: torch.dtype, kernels):
@@ -318,19 +317,44 @@ def gram_wanted(n: int, B: int, k: int) -> bool:
 
 
 def token_pair_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                       dtype: torch.dtype = torch.float32, kernels=None) -> torch.Tensor:
     """(1/n) sum_{i != j} coef_ij s_ij per token, given omega = coef_ij / C_ij at every occurrence (0 where
-    not both): the path where the Gram is not wanted (gram_wanted; there, table_penalty on the count table)."""
+    not both): the CPU token kernel where pair_kernels gives it, else batched products per token chunk."""
+    kernels = pair_kernels(W_dec, dtype, kernels)
+    if kernels is not None:
+        from workbench.cpu_kernels import token_pairs_abs_cosine
+
+        kernel = functools.partial(token_pairs_abs_cosine, kernels, pairs.idx_Bk.contiguous(),
+                                   omega_Bkk.float().contiguous())
+        return _KernelAbsCosine.apply(W_dec, kernel) / n
     return _TokenPairAbsCosine.apply(W_dec, pairs.idx_Bk, omega_Bkk.float(), dtype) / n
+
+
+# With the CPU kernels, the token kernel costs ~0.5x the pair kernel plus the table's fill per occurrence (measured at
+# the quickstart's size: 23 ms for 1M occurrences, against 6 + 42 ms for a table of 0.89M entries): it runs unless
+# the table has fewer entries than this share of the occurrences (co-firing pairs that recur over many tokens)
+TABLE_SHARE_FOR_TOKENS = 0.5
 
 
 def occurrence_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
                        dtype: torch.dtype = torch.float32, kernels=None) -> torch.Tensor:
-    """(1/n) sum_{i != j} coef_ij s_ij given omega = coef_ij / C_ij at every occurrence (0 where not both):
-    on the pair table where gram_wanted (table_penalty), else per token."""
+    """(1/n) sum_{i != j} coef_ij s_ij given omega = coef_ij / C_ij at every occurrence (0 where not both).
+    With the CPU kernels: token by token, or on the table's rows where it is much smaller than the occurrences
+    (TABLE_SHARE_FOR_TOKENS; counting its entries is a quarter of its build). Else the dense table's Gram where
+    gram_wanted, per token otherwise."""
     B, k = pairs.idx_Bk.shape
+    kernels = pair_kernels(W_dec, dtype, kernels)
+    if kernels is not None:
+        from workbench.cpu_kernels import pair_table_count, pair_table_fill
+
+        idx_Bk, omega_Bkk = pairs.idx_Bk.contiguous(), omega_Bkk.float().contiguous()
+        row_ptr = pair_table_count(kernels, idx_Bk, omega_Bkk, n)
+        if int(row_ptr[-1]) >= TABLE_SHARE_FOR_TOKENS * B * k * (k - 1):
+            return token_pair_penalty(W_dec, pairs, omega_Bkk, n, dtype, kernels)
+        cols, vals = pair_table_fill(kernels, idx_Bk, omega_Bkk, row_ptr)
+        return table_penalty(W_dec, PairTable(vals, row_ptr, cols, kernels), n, dtype)
     if gram_wanted(n, B, k):
-        return table_penalty(W_dec, pairs.table(omega_Bkk, pair_kernels(W_dec, dtype, kernels)), n, dtype)
+        return table_penalty(W_dec, pairs.table(omega_Bkk), n, dtype)
     return token_pair_penalty(W_dec, pairs, omega_Bkk, n, dtype)
 
 
@@ -339,7 +363,10 @@ def table_penalty(W_dec: torch.Tensor, table: PairTable, n: int, dtype: torch.dt
     kernel over its nonzeros; dense, the full Gram in the matmul dtype (consumed: in float32 it overwrites the
     table with its signed copy)."""
     if table.row_ptr is not None:
-        return _PairRowsAbsCosine.apply(W_dec, table.row_ptr, table.cols, table.values, table.kernels) / n
+        from workbench.cpu_kernels import pair_rows_abs_cosine
+
+        kernel = functools.partial(pair_rows_abs_cosine, table.kernels, table.row_ptr, table.cols, table.values)
+        return _KernelAbsCosine.apply(W_dec, kernel) / n
     return _GramAbsCosine.apply(W_dec, table.values, dtype) / n
 
 

@@ -55,10 +55,13 @@ class ProgressiveTrainer(CompetitionTrainer):
         n = self.sae.d_sae
         self._last_latents = latents_BF.detach()
         tokens = self.token_pairs(codes)
-        if tokens is not None and gram_wanted(n, *tokens.idx_Bk.shape):  # c_ij on the table of n_ij
-            dtype = self.penalty_dtype()
+        dtype = self.penalty_dtype()
+        kernels = pair_kernels(self.sae.W_dec, dtype, self.kernels)
+        # c_ij on the table of n_ij: by rows with the CPU kernels (any n: the pair kernel skips the c_ij = 0), dense
+        # where the Gram is wanted
+        if tokens is not None and (kernels is not None or gram_wanted(n, *tokens.idx_Bk.shape)):
             with torch.no_grad():  # c_ij is not linear in n_ij: the table first, then c elementwise (0 where n_ij = 0)
-                table = tokens.table(tokens.overlap_share_Bkk(), pair_kernels(self.sae.W_dec, dtype, self.kernels))
+                table = tokens.table(tokens.overlap_share_Bkk(), kernels)
                 table.values.mul_(1 / thr).sub_(1).clamp_(0, 1)
             value = lam * table_penalty(self.sae.W_dec, table, n, dtype)
             # logged steps only; table_penalty may have signed a dense table in place, which keeps its zeros and |c|
@@ -69,7 +72,7 @@ class ProgressiveTrainer(CompetitionTrainer):
             with torch.no_grad():
                 per_pair = tokens.both_Bkk / tokens.counts_Bkk()
                 c_occ = torch.where(tokens.both_Bkk, ((tokens.counts_Bkk() / tokens.min_fires_Bkk - thr) / thr).clamp(0, 1), 0.0)
-            value = lam * token_pair_penalty(self.sae.W_dec, tokens, c_occ * per_pair, n, self.penalty_dtype())
+            value = lam * token_pair_penalty(self.sae.W_dec, tokens, c_occ * per_pair, n, dtype)
             n_pairs = tokens.n_pairs  # these three only on logged steps (stats may be callables)
             n_pos = lambda: round(0.5 * (per_pair * (c_occ > 0)).sum().item())  # noqa: E731
             mean_c = lambda: 0.5 * (per_pair * c_occ).sum().item() / max(n_pos(), 1)  # noqa: E731

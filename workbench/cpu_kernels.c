@@ -1,10 +1,12 @@
 /* CPU kernels (workbench/cpu_kernels.py). Fused bfloat16 kernels for the training harvest's HuggingFace forward:
    eager torch runs each as 5-8 elementwise passes with float32 copies between them; here each element is read
    once, computed in float32 and rounded to bfloat16 once, as torch rounds at the same places. And the
-   competition trainers' penalty over their co-firing pairs only (pair_rows_abs_cosine_f32, at the end). */
+   competition trainers' penalty over their co-firing pairs only (pair_rows_abs_cosine_f32 over a table of pairs,
+   token_pairs_abs_cosine_f32 token by token; at the end). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -277,4 +279,150 @@ int64_t pair_table_count(const int64_t *idx, const float *omega, int64_t B, int6
 int64_t pair_table_fill(const int64_t *idx, const float *omega, int64_t B, int64_t k, int64_t n, const int64_t *row_ptr,
                         int32_t *cols, float *vals) {
     return table_rows(idx, omega, B, k, n, (int64_t *)row_ptr, cols, vals);
+}
+
+/* The same penalty and gradient half for per-occurrence weights, by token: sum_b sum_{r != s} omega[b, r, s] |S_brs|,
+   S_b = R_b R_b^T with R_b the decoder rows of token b's latents idx[b, :] (distinct within a token), and
+   grad_half = KS W as above, K_ij summed over the occurrences. No table is built, and each token's k x k dots and its
+   k x d gradient rows are small dense products that reuse every loaded row across a register tile (four rows by two
+   partners for the dots, four rows by sixteen columns for the gradient), where the pair kernel loads a partner row
+   per dot product: cheaper while the occurrences are not much more than the table's entries (competition.py picks).
+   Tokens go to threads in contiguous blocks, each accumulating into its own copy of the gradient (the first is
+   grad_half; copies are capped at 1 GB, fewer threads where they would not fit), summed in thread order at the end:
+   the same bits for a given thread count. The value is summed over tokens in order (the same bits for any). */
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+
+static inline float sum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* Loaded vectors held in registers: GCC otherwise reloads them as memory operands of every FMA, which made the dot
+   tile load-bound (12 loads per 8 FMAs; 1.25x slower measured). */
+#if defined(__x86_64__) || defined(__i386__)
+#define HOLD6(a, b, c, d, e, f) __asm__("" : "+x"(a), "+x"(b), "+x"(c), "+x"(d), "+x"(e), "+x"(f))
+#elif defined(__aarch64__)
+#define HOLD6(a, b, c, d, e, f) __asm__("" : "+w"(a), "+w"(b), "+w"(c), "+w"(d), "+w"(e), "+w"(f))
+#else
+#define HOLD6(a, b, c, d, e, f)
+#endif
+
+#define TOKEN_TILE 4  /* rows per register tile; a token's rows are padded to a multiple with a zero row */
+
+/* out[q][u] = a[q] . b[u] for four rows a and two rows b of length d */
+static inline void dot_tile_4x2(const float *const *a, const float *const *b, int64_t d, float out[4][2]) {
+    v8f s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0}, s20 = {0}, s21 = {0}, s30 = {0}, s31 = {0};
+    int64_t c = 0;
+    for (; c + 8 <= d; c += 8) {
+        v8f y0 = load8(b[0] + c), y1 = load8(b[1] + c);
+        v8f x0 = load8(a[0] + c), x1 = load8(a[1] + c), x2 = load8(a[2] + c), x3 = load8(a[3] + c);
+        HOLD6(y0, y1, x0, x1, x2, x3);
+        s00 += x0 * y0, s01 += x0 * y1, s10 += x1 * y0, s11 += x1 * y1;
+        s20 += x2 * y0, s21 += x2 * y1, s30 += x3 * y0, s31 += x3 * y1;
+    }
+    out[0][0] = sum8(s00), out[0][1] = sum8(s01), out[1][0] = sum8(s10), out[1][1] = sum8(s11);
+    out[2][0] = sum8(s20), out[2][1] = sum8(s21), out[3][0] = sum8(s30), out[3][1] = sum8(s31);
+    for (; c < d; c++)
+        for (int q = 0; q < 4; q++)
+            for (int u = 0; u < 2; u++)
+                out[q][u] += a[q][c] * b[u][c];
+}
+
+/* g[q] += sum_s a[q][s] rows[s] for the four rows q of a tile (g[q] NULL: a padding row, skipped) */
+static inline void gradient_tile(const float *const *a, const float *const *rows, int64_t k, int64_t d, float *const *g) {
+    int64_t c = 0;
+    for (; c + 16 <= d; c += 16) {
+        v8f g00 = {0}, g01 = {0}, g10 = {0}, g11 = {0}, g20 = {0}, g21 = {0}, g30 = {0}, g31 = {0};
+        for (int64_t s = 0; s < k; s++) {
+            const v8f y0 = load8(rows[s] + c), y1 = load8(rows[s] + c + 8);
+            g00 += a[0][s] * y0, g01 += a[0][s] * y1, g10 += a[1][s] * y0, g11 += a[1][s] * y1;
+            g20 += a[2][s] * y0, g21 += a[2][s] * y1, g30 += a[3][s] * y0, g31 += a[3][s] * y1;
+        }
+        const v8f tile[4][2] = {{g00, g01}, {g10, g11}, {g20, g21}, {g30, g31}};
+        for (int q = 0; q < 4; q++)
+            if (g[q]) {
+                store8(g[q] + c, load8(g[q] + c) + tile[q][0]);
+                store8(g[q] + c + 8, load8(g[q] + c + 8) + tile[q][1]);
+            }
+    }
+    for (; c < d; c++)
+        for (int q = 0; q < 4; q++)
+            if (g[q]) {
+                float acc = 0.f;
+                for (int64_t s = 0; s < k; s++)
+                    acc += a[q][s] * rows[s][c];
+                g[q][c] += acc;
+            }
+}
+
+#define GRADIENT_COPIES_MAX_FLOATS ((int64_t)1 << 28)  /* 1 GB of float32 gradient copies */
+
+double token_pairs_abs_cosine_f32(const int64_t *idx, const float *omega, const float *W, float *grad_half, int64_t B,
+                                  int64_t k, int64_t n, int64_t d) {
+    const int64_t kp = (k + TOKEN_TILE - 1) / TOKEN_TILE * TOKEN_TILE, copy_floats = n * d;
+    int64_t threads = omp_get_max_threads(), fit = GRADIENT_COPIES_MAX_FLOATS / (copy_floats > 0 ? copy_floats : 1);
+    threads = threads < fit ? threads : fit;
+    threads = threads < 1 ? 1 : threads;
+    float *copies = threads > 1 ? malloc((size_t)((threads - 1) * copy_floats) * sizeof(float)) : NULL;
+    double *token_totals = malloc((size_t)B * sizeof(double));
+    #pragma omp parallel num_threads((int)threads)
+    {
+        const int t = omp_get_thread_num();
+        float *grad = t == 0 ? grad_half : copies + (int64_t)(t - 1) * copy_floats;
+        memset(grad, 0, (size_t)copy_floats * sizeof(float));
+        float *zero_row = calloc((size_t)d, sizeof(float));
+        const float **rows = malloc((size_t)kp * sizeof(float *));
+        float *A = malloc((size_t)(kp * kp) * sizeof(float));  /* S, then omega * sign(S) in place */
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t *latents = idx + b * k;
+            for (int64_t r = 0; r < kp; r++)
+                rows[r] = r < k ? W + latents[r] * d : zero_row;
+            for (int64_t r0 = 0; r0 < kp; r0 += TOKEN_TILE)  /* the upper triangle of tiles, mirrored */
+                for (int64_t s0 = r0; s0 < kp; s0 += 2) {
+                    float out[4][2];
+                    dot_tile_4x2(rows + r0, rows + s0, d, out);
+                    for (int q = 0; q < 4; q++)
+                        for (int u = 0; u < 2; u++)
+                            A[(r0 + q) * kp + s0 + u] = A[(s0 + u) * kp + r0 + q] = out[q][u];
+                }
+            const float *om = omega + b * k * k;
+            double total = 0.0;
+            for (int64_t r = 0; r < kp; r++)
+                for (int64_t s = 0; s < kp; s++) {
+                    const float w = r < k && s < k && r != s ? om[r * k + s] : 0.f, dot = A[r * kp + s];
+                    total += (double)(w * __builtin_fabsf(dot));
+                    A[r * kp + s] = dot < 0.f ? -w : w;
+                }
+            token_totals[b] = total;
+            for (int64_t r0 = 0; r0 < kp; r0 += TOKEN_TILE) {
+                const float *a[4] = {A + r0 * kp, A + (r0 + 1) * kp, A + (r0 + 2) * kp, A + (r0 + 3) * kp};
+                float *g[4];
+                for (int q = 0; q < 4; q++)
+                    g[q] = r0 + q < k ? grad + latents[r0 + q] * d : NULL;
+                gradient_tile(a, rows, k, d, g);
+            }
+        }
+        free(zero_row);
+        free(rows);
+        free(A);
+        #pragma omp for schedule(static)  /* after the loop's barrier: every copy is complete */
+        for (int64_t e = 0; e < copy_floats; e++) {
+            float v = grad_half[e];
+            for (int64_t u = 0; u < threads - 1; u++)
+                v += copies[u * copy_floats + e];
+            grad_half[e] = v;
+        }
+    }
+    double total = 0.0;
+    for (int64_t b = 0; b < B; b++)
+        total += token_totals[b];
+    free(copies);
+    free(token_totals);
+    return total;
 }

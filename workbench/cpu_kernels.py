@@ -1,6 +1,7 @@
 """CPU kernels (cpu_kernels.c): fused bfloat16 kernels for the training harvest's HuggingFace Gemma-3 forward,
 each one pass: RMSNorm, GELU-tanh times the up projection, and the rotary embedding; and the competition
-trainers' penalty over their co-firing pairs (pair_table_rows, pair_rows_abs_cosine). Eager torch has no fused
+trainers' penalty over their co-firing pairs (pair_table_count / pair_table_fill and pair_rows_abs_cosine over the
+table of pairs; token_pairs_abs_cosine token by token). Eager torch has no fused
 CPU kernels for the first three: it ran them as 5-8 elementwise passes each, ~60% of a harvest batch on a 2-core
 CPU (notes.txt, sessions 10-11); nor a product over a sparse pattern that is as fast as the penalty's dense Gram
 (session 12).
@@ -74,6 +75,8 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     lib.pair_table_count.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     lib.pair_table_fill.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
     lib.pair_table_count.restype = lib.pair_table_fill.restype = ctypes.c_int64
+    lib.token_pairs_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+    lib.token_pairs_abs_cosine_f32.restype = ctypes.c_double
     return lib
 
 
@@ -121,22 +124,58 @@ def rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return out
 
 
-def pair_table_rows(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor,
-                    n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_ptr, cols, vals): K_ij = the sum of omega[b, r, s] over the occurrences with idx[b, r] = i, idx[b, s] = j,
-    as its nonzero entries by row (CSR, each row's columns in first-seen order), for int64 latent indices idx
-    (B x k, values < n) and float32 weights omega >= 0 (B x k x k, 0 where a pair is absent), both contiguous
-    on a CPU: work B k^2, memory the nonzeros, where the dense table costs n^2."""
+def _check_occurrences(idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor) -> tuple[int, int]:
     assert idx_Bk.dtype == torch.int64 and omega_Bkk.dtype == torch.float32
     assert idx_Bk.is_contiguous() and omega_Bkk.is_contiguous()
     B, k = idx_Bk.shape
     assert omega_Bkk.shape == (B, k, k)
+    return B, k
+
+
+def pair_table_count(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor, n: int) -> torch.Tensor:
+    """row_ptr (n + 1) of the table K_ij = the sum of omega[b, r, s] over the occurrences with idx[b, r] = i,
+    idx[b, s] = j, as its nonzero entries by row (CSR), for int64 latent indices idx (B x k, values < n) and float32
+    weights omega >= 0 (B x k x k, 0 where a pair is absent), both contiguous on a CPU; row_ptr[-1] is the number
+    of entries (both orders of each pair). pair_table_fill then gives the entries."""
+    B, k = _check_occurrences(idx_Bk, omega_Bkk)
     row_ptr = torch.empty(n + 1, dtype=torch.int64)
-    nnz = lib.pair_table_count(idx_Bk.data_ptr(), omega_Bkk.data_ptr(), B, k, n, row_ptr.data_ptr())
+    lib.pair_table_count(idx_Bk.data_ptr(), omega_Bkk.data_ptr(), B, k, n, row_ptr.data_ptr())
+    return row_ptr
+
+
+def pair_table_fill(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor,
+                    row_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cols, vals) of the table pair_table_count counted (each row's columns in first-seen order): work B k^2,
+    memory the nonzeros, where the dense table costs n^2."""
+    B, k = _check_occurrences(idx_Bk, omega_Bkk)
+    nnz = int(row_ptr[-1])
     cols, vals = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.float32)
-    lib.pair_table_fill(idx_Bk.data_ptr(), omega_Bkk.data_ptr(), B, k, n, row_ptr.data_ptr(), cols.data_ptr(),
-                        vals.data_ptr())
-    return row_ptr, cols, vals
+    lib.pair_table_fill(idx_Bk.data_ptr(), omega_Bkk.data_ptr(), B, k, row_ptr.numel() - 1, row_ptr.data_ptr(),
+                        cols.data_ptr(), vals.data_ptr())
+    return cols, vals
+
+
+def pair_table_rows(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor,
+                    n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_ptr, cols, vals): the table of pair_table_count and pair_table_fill."""
+    row_ptr = pair_table_count(lib, idx_Bk, omega_Bkk, n)
+    return (row_ptr, *pair_table_fill(lib, idx_Bk, omega_Bkk, row_ptr))
+
+
+def token_pairs_abs_cosine(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor,
+                           W_FD: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(sum_b sum_{r != s} omega[b, r, s] |w_idx[b, r] . w_idx[b, s]|, KS W) with K the table of the occurrences'
+    weights (pair_table_count; symmetric where omega is) and KS = K * sign(W W^T): the value and gradient half of
+    pair_rows_abs_cosine on that table, token by token without building it. idx: int64 (B x k), distinct latents
+    within each token; omega: float32 (B x k x k), 0 on the diagonal; W float32 rows; all contiguous on a CPU. The
+    gradient has the same bits for a given thread count, the value for any."""
+    B, k = _check_occurrences(idx_Bk, omega_Bkk)
+    assert W_FD.dtype == torch.float32 and W_FD.is_contiguous()
+    n, d = W_FD.shape
+    half_FD = torch.empty_like(W_FD)
+    value = lib.token_pairs_abs_cosine_f32(idx_Bk.data_ptr(), omega_Bkk.data_ptr(), W_FD.data_ptr(), half_FD.data_ptr(),
+                                           B, k, n, d)
+    return value, half_FD
 
 
 def pair_rows_abs_cosine(lib: ctypes.CDLL, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
