@@ -155,7 +155,7 @@ def rows_of(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_pair_kernel_equals_the_gram_formula(lib, n, d, density):
     """sum_ij K_ij |w_i . w_j| and KS W (KS = K sign(W W^T)) over a sparse symmetric K given by rows, against
     float64: rows with partner counts that are and are not multiples of four, a row length that is not a vector
-    width, no pairs; stored zeros are skipped."""
+    width, no pairs; stored zeros are skipped; with per-latent weights."""
     g = torch.Generator().manual_seed(n)
     W = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
     K = torch.triu((torch.rand(n, n, generator=g) < density) * torch.rand(n, n, generator=g), diagonal=1)
@@ -169,26 +169,49 @@ def test_pair_kernel_equals_the_gram_formula(lib, n, d, density):
     assert value == pytest.approx((K.double() * G.abs()).sum().item(), rel=1e-6, abs=1e-9)
     torch.testing.assert_close(half.double(), (K.double() * G.sign()) @ W.double(), rtol=1e-5, atol=1e-5)
     assert cpu_kernels.pair_rows_abs_cosine(lib, row_ptr, cols, vals, W)[0] == value  # the same bits again
+    # per-latent weights (momentum's w): K_ij (w_i + w_j)
+    w = 1 + (torch.rand(n, generator=g) < 0.5).float()
+    value, half = cpu_kernels.pair_rows_abs_cosine(lib, row_ptr, cols, vals, W, w)
+    Kw = K.double() * (w[:, None] + w[None, :]).double()
+    assert value == pytest.approx((Kw * G.abs()).sum().item(), rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(half.double(), (Kw * G.sign()) @ W.double(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("B, k, n", [(64, 8, 40), (300, 5, 1000), (1, 3, 4)])
 def test_pair_table_rows_equal_the_scattered_table(lib, B, k, n):
     """K_ij = sum over the occurrences of (i, j) of omega, by rows: against one index_add into the dense n x n
     table; pairs that recur over tokens sum, zero weights (absent pairs, the diagonal) give no entry, each row
-    lists a partner once, and latents that never fire have empty rows."""
+    lists a partner once, and latents that never fire have empty rows; the row sums. From the activity mask instead
+    of omega, the co-firing counts C_ij; with the firing counts as well, the overlaps n_ij."""
     g = torch.Generator().manual_seed(B)
     idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)])
     active = torch.rand(B, k, generator=g) < 0.8
     omega = (active[:, :, None] & active[:, None, :] & ~torch.eye(k, dtype=torch.bool)) * torch.rand(B, k, k, generator=g)
     omega = (omega + omega.transpose(1, 2)).float()
     dense = torch.zeros(n * n).index_add_(0, (idx[:, :, None] * n + idx[:, None, :]).flatten(), omega.flatten()).view(n, n)
-    row_ptr, cols, vals = cpu_kernels.pair_table_rows(lib, idx, omega, n)
+    row_ptr, cols, vals, sums = cpu_kernels.pair_table_rows(lib, idx, omega, n)
     rows = torch.repeat_interleave(torch.arange(n), row_ptr.diff())
+    torch.testing.assert_close(sums, dense.sum(1), rtol=1e-5, atol=1e-6)
     assert (vals > 0).all() and len(set(zip(rows.tolist(), cols.tolist()))) == vals.numel()
     assert vals.numel() == int(dense.count_nonzero())
     torch.testing.assert_close(dense[rows, cols.long()], vals, rtol=1e-6, atol=0)
     if n == 1000:
         assert (row_ptr.diff() == 0).any()  # some latents never fire in 300 x 5 draws of 1000
+    # from the activity mask: the co-firing counts C_ij (omega 1 for each pair of active entries r != s)
+    both = (active[:, :, None] & active[:, None, :] & ~torch.eye(k, dtype=torch.bool)).float()
+    counts = torch.zeros(n * n).index_add_(0, (idx[:, :, None] * n + idx[:, None, :]).flatten(), both.flatten()).view(n, n)
+    row_ptr, cols, vals, sums = cpu_kernels.pair_table_rows(lib, idx, active, n)
+    rows = torch.repeat_interleave(torch.arange(n), row_ptr.diff())
+    assert vals.numel() == int(counts.count_nonzero()) and len(set(zip(rows.tolist(), cols.tolist()))) == vals.numel()
+    assert torch.equal(counts[rows, cols.long()], vals)
+    assert counts.max() > 1 or B == 1 or n == 1000  # pairs that recur over tokens count each time
+    # with the firing counts a_i: the overlaps n_ij = C_ij / min(a_i, a_j), and each row's sum
+    fires = torch.zeros(n, dtype=torch.long).index_add_(0, idx.flatten(), active.flatten().long())
+    overlap = counts / torch.minimum(fires[:, None], fires[None, :]).clamp_min(1)
+    row_ptr, cols, vals, sums = cpu_kernels.pair_table_rows(lib, idx, active, n, fires)
+    rows = torch.repeat_interleave(torch.arange(n), row_ptr.diff())
+    torch.testing.assert_close(vals, overlap[rows, cols.long()], rtol=1e-6, atol=0)
+    torch.testing.assert_close(sums, overlap.sum(1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("B, k, n, d", [(64, 32, 300, 640), (40, 7, 50, 19), (3, 1, 5, 8), (17, 9, 2000, 36)])

@@ -147,19 +147,20 @@ COUNT_TABLE_MAX = 1 << 24       # n^2 up to this: occurrence counts by one binco
 class PairTable:
     """A symmetric n x n table of per-pair sums (both orders, zero diagonal), dense (`values` is n x n, for the Gram
     path) or by rows (CSR: row i's partners cols[row_ptr[i]:row_ptr[i + 1]], their sums `values`; for the CPU pair
-    kernel `kernels`). Elementwise maps that keep 0 at 0 may act on `values` in place, in either form."""
+    kernel `kernels`, which scales each entry by weight_i + weight_j where `weight_F` is set). Elementwise maps that
+    keep 0 at 0 may act on `values` in place, in either form."""
     values: torch.Tensor
     row_ptr: torch.Tensor | None = None
     cols: torch.Tensor | None = None
     kernels: object = None  # the ctypes library that built the rows (and runs the penalty on them)
+    weight_F: torch.Tensor | None = None
 
 
 @dataclass
 class TokenPairs:
     """Co-firing occurrences of one batch of TopK codes: entry r of token b is latent idx_Bk[b, r]."""
     idx_Bk: torch.Tensor
-    both_Bkk: torch.Tensor       # entries r != s of token b both fire
-    min_fires_Bkk: torch.Tensor  # min(a_i, a_j) of the pair at (b, r, s) (1 where not both)
+    active_Bk: torch.Tensor  # bool: the entry fired (a TopK value > 0)
     fires_F: torch.Tensor
     _counts: torch.Tensor | None = None
 
@@ -168,11 +169,34 @@ class TokenPairs:
     def from_codes(cls, idx_Bk: torch.Tensor, active_Bk: torch.Tensor, n: int) -> "TokenPairs":
         fires_F = torch.zeros(n, dtype=torch.long, device=idx_Bk.device).index_add_(
             0, idx_Bk.flatten(), active_Bk.flatten().long())
-        k = idx_Bk.shape[1]
-        both = active_Bk[:, :, None] & active_Bk[:, None, :] & ~torch.eye(k, dtype=torch.bool, device=idx_Bk.device)
-        a_Bk = fires_F[idx_Bk].float()
-        min_fires = torch.where(both, torch.minimum(a_Bk[:, :, None], a_Bk[:, None, :]), 1.0)
-        return cls(idx_Bk, both, min_fires, fires_F)
+        return cls(idx_Bk, active_Bk, fires_F)
+
+    @functools.cached_property
+    @torch.no_grad()
+    def both_Bkk(self) -> torch.Tensor:
+        """Entries r != s of token b both fire (made on first use: the table by rows does without it)."""
+        k = self.idx_Bk.shape[1]
+        eye = torch.eye(k, dtype=torch.bool, device=self.idx_Bk.device)
+        return self.active_Bk[:, :, None] & self.active_Bk[:, None, :] & ~eye
+
+    @functools.cached_property
+    @torch.no_grad()
+    def min_fires_Bkk(self) -> torch.Tensor:
+        """min(a_i, a_j) of the pair at (b, r, s) (1 where not both)."""
+        a_Bk = self.fires_F[self.idx_Bk].float()
+        return torch.where(self.both_Bkk, torch.minimum(a_Bk[:, :, None], a_Bk[:, None, :]), 1.0)
+
+    @torch.no_grad()
+    def overlap_rows(self, kernels) -> tuple[PairTable, torch.Tensor]:
+        """(n_ij of every co-firing pair by rows (both orders), sum_j n_ij per latent), built by the CPU kernels from
+        the activity mask and the firing counts: each occurrence weighs 1 / min(a_i, a_j), so the sums over a pair's
+        C_ij occurrences are n_ij, with no B x k x k tensor."""
+        from workbench.cpu_kernels import pair_table_rows
+
+        n = self.fires_F.shape[0]
+        row_ptr, cols, overlaps, row_sums = pair_table_rows(kernels, self.idx_Bk.contiguous(), self.active_Bk.contiguous(),
+                                                            n, self.fires_F)
+        return PairTable(overlaps, row_ptr, cols, kernels), row_sums
 
     @torch.no_grad()
     def counts_Bkk(self) -> torch.Tensor:
@@ -195,18 +219,12 @@ class TokenPairs:
         return self._counts
 
     @torch.no_grad()
-    def table(self, values_Bkk: torch.Tensor, kernels=None) -> "PairTable":
-        """sum_{occurrences of (i, j)} v per pair, both orders (v must be 0 where not both, the diagonal included):
-        with the CPU kernels (pair_kernels), by rows, built without the n x n; else one scatter into the dense
-        n x n float32 table the Gram path reads."""
+    def table(self, values_Bkk: torch.Tensor) -> PairTable:
+        """sum_{occurrences of (i, j)} v per pair, both orders (v must be 0 where not both, the diagonal included),
+        as the dense n x n float32 table the Gram path reads: one scatter of every occurrence, zeros included
+        (cheaper than compacting)."""
         n = self.fires_F.shape[0]
-        if kernels is not None:
-            from workbench.cpu_kernels import pair_table_rows
-
-            row_ptr, cols, vals = pair_table_rows(kernels, self.idx_Bk.contiguous(), values_Bkk.float().contiguous(), n)
-            return PairTable(vals, row_ptr, cols, kernels)
         keys = self.idx_Bk[:, :, None] * n + self.idx_Bk[:, None, :]
-        # every occurrence scattered, zeros included: cheaper than compacting
         return PairTable(torch.zeros(n * n, dtype=torch.float32, device=keys.device).index_add_(
             0, keys.flatten(), values_Bkk.flatten().float()).view(n, n))
 
@@ -330,29 +348,24 @@ def token_pair_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.
     return _TokenPairAbsCosine.apply(W_dec, pairs.idx_Bk, omega_Bkk.float(), dtype) / n
 
 
-# With the CPU kernels, the token kernel costs ~0.5x the pair kernel plus the table's fill per occurrence (measured at
-# the quickstart's size: 23 ms for 1M occurrences, against 6 + 42 ms for a table of 0.89M entries): it runs unless
-# the table has fewer entries than this share of the occurrences (co-firing pairs that recur over many tokens)
+# With the CPU kernels, the token kernel costs ~0.5x the pair kernel per occurrence (measured at the quickstart's
+# size: 22-26 ms for 1M occurrences, against 13 ms for a table of 0.31M entries and 37 ms for 0.89M): the trainers
+# run it unless the table has fewer entries than this share of the occurrences (co-firing pairs that recur over
+# tokens, as in real codes: 0.31 on the quickstart's activations, 0.88 in bench_trainers' synthetic ones)
 TABLE_SHARE_FOR_TOKENS = 0.5
 
 
-def occurrence_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
-                       dtype: torch.dtype = torch.float32, kernels=None) -> torch.Tensor:
-    """(1/n) sum_{i != j} coef_ij s_ij given omega = coef_ij / C_ij at every occurrence (0 where not both).
-    With the CPU kernels: token by token, or on the table's rows where it is much smaller than the occurrences
-    (TABLE_SHARE_FOR_TOKENS; counting its entries is a quarter of its build). Else the dense table's Gram where
-    gram_wanted, per token otherwise."""
+def token_kernel_wanted(pairs: TokenPairs, table: PairTable) -> bool:
+    """The token kernel rather than the pair kernel on `table` (by rows), TABLE_SHARE_FOR_TOKENS."""
     B, k = pairs.idx_Bk.shape
-    kernels = pair_kernels(W_dec, dtype, kernels)
-    if kernels is not None:
-        from workbench.cpu_kernels import pair_table_count, pair_table_fill
+    return table.cols.numel() >= TABLE_SHARE_FOR_TOKENS * B * k * (k - 1)
 
-        idx_Bk, omega_Bkk = pairs.idx_Bk.contiguous(), omega_Bkk.float().contiguous()
-        row_ptr = pair_table_count(kernels, idx_Bk, omega_Bkk, n)
-        if int(row_ptr[-1]) >= TABLE_SHARE_FOR_TOKENS * B * k * (k - 1):
-            return token_pair_penalty(W_dec, pairs, omega_Bkk, n, dtype, kernels)
-        cols, vals = pair_table_fill(kernels, idx_Bk, omega_Bkk, row_ptr)
-        return table_penalty(W_dec, PairTable(vals, row_ptr, cols, kernels), n, dtype)
+
+def occurrence_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(1/n) sum_{i != j} coef_ij s_ij given omega = coef_ij / C_ij at every occurrence (0 where not both), without
+    the CPU kernels: on the dense table's Gram where gram_wanted, else per token."""
+    B, k = pairs.idx_Bk.shape
     if gram_wanted(n, B, k):
         return table_penalty(W_dec, pairs.table(omega_Bkk), n, dtype)
     return token_pair_penalty(W_dec, pairs, omega_Bkk, n, dtype)
@@ -365,7 +378,8 @@ def table_penalty(W_dec: torch.Tensor, table: PairTable, n: int, dtype: torch.dt
     if table.row_ptr is not None:
         from workbench.cpu_kernels import pair_rows_abs_cosine
 
-        kernel = functools.partial(pair_rows_abs_cosine, table.kernels, table.row_ptr, table.cols, table.values)
+        kernel = functools.partial(pair_rows_abs_cosine, table.kernels, table.row_ptr, table.cols, table.values,
+                                   weight_F=table.weight_F)
         return _KernelAbsCosine.apply(W_dec, kernel) / n
     return _GramAbsCosine.apply(W_dec, table.values, dtype) / n
 

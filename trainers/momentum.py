@@ -14,14 +14,15 @@ a latent with no partner contributes 0), so m_i in [0, 1] and tau in (0, 1) sele
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
-
 
 import torch
 
 from trainers.base import register
 from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
-                                  occurrence_penalty, per_latent_sum)
+                                  occurrence_penalty, pair_kernels, per_latent_sum, table_penalty, token_kernel_wanted,
+                                  token_pair_penalty)
 from workbench.config import ConfigError, configclass, param
 
 
@@ -53,8 +54,14 @@ class MomentumTrainer(CompetitionTrainer):
     def penalty(self, latents_BF, progress, codes=None):
         cfg, n = self.cfg, self.sae.d_sae
         tokens = self.token_pairs(codes)
+        dtype = self.penalty_dtype()
+        kernels = pair_kernels(self.sae.W_dec, dtype, self.kernels) if tokens is not None else None
         with torch.no_grad():
-            if tokens is not None:  # c_ij / C_ij per occurrence: its sums over occurrences are sums over pairs
+            if kernels is not None:  # c_ij = n_ij of every co-firing pair, by rows, and their sums
+                table, signal_F = tokens.overlap_rows(kernels)
+                if cfg.normalize == "mean":  # distinct partners: the row's entries
+                    signal_F = signal_F / table.row_ptr.diff().clamp_min(1)
+            elif tokens is not None:  # c_ij / C_ij per occurrence: its sums over occurrences are sums over pairs
                 c_occ = tokens.overlap_share_Bkk()
                 signal_F = tokens.per_latent_sum(c_occ)
                 if cfg.normalize == "mean":  # distinct partners: 1 / C_ij per occurrence
@@ -68,15 +75,23 @@ class MomentumTrainer(CompetitionTrainer):
             self.momentum_F.mul_(cfg.beta).add_((1 - cfg.beta) * signal_F)
             cut = self.momentum_F.float().quantile(cfg.tau) if cfg.normalize == "quantile" else cfg.tau
             w_F = 1.0 + (self.momentum_F > cut).float()
-        if tokens is not None:
+        if kernels is not None and token_kernel_wanted(tokens, table):
+            w_Bk = w_F[tokens.idx_Bk]
+            omega = (w_Bk[:, :, None] + w_Bk[:, None, :]).mul_(tokens.overlap_share_Bkk())
+            value = cfg.lambda2 * token_pair_penalty(self.sae.W_dec, tokens, omega, n, dtype, kernels)
+        elif kernels is not None:  # coefficients (w_i + w_j) n_ij, scaled in the pair kernel
+            value = cfg.lambda2 * table_penalty(self.sae.W_dec, dataclasses.replace(table, weight_F=w_F), n, dtype)
+        elif tokens is not None:
             w_Bk = w_F[tokens.idx_Bk]
             omega = (w_Bk[:, :, None] + w_Bk[:, None, :]).mul_(c_occ)
-            value = cfg.lambda2 * occurrence_penalty(self.sae.W_dec, tokens, omega, n, self.penalty_dtype(), self.kernels)
-            n_pairs = tokens.n_pairs  # counted only when logged (a dedup of the occurrences)
+            value = cfg.lambda2 * occurrence_penalty(self.sae.W_dec, tokens, omega, n, dtype)
         else:
             coef_P = (w_F[pairs.i] + w_F[pairs.j]) * c_P
             value = cfg.lambda2 * competition_penalty(self.sae.W_dec, pairs, coef_P, n)
-            n_pairs = pairs.n_pairs
+        if kernels is not None:
+            n_pairs = table.cols.numel() // 2  # both orders of each pair
+        else:
+            n_pairs = tokens.n_pairs if tokens is not None else pairs.n_pairs  # the tokens' only when logged (a dedup)
         m = self.momentum_F
         stats = {"cofiring_pairs": n_pairs, "frac_w2": (w_F > 1).float().mean().item(),
                  "momentum_mean": m.mean().item(), "momentum_p99": m.quantile(0.99).item(),

@@ -61,11 +61,15 @@ class ProgressiveTrainer(CompetitionTrainer):
         # where the Gram is wanted
         if tokens is not None and (kernels is not None or gram_wanted(n, *tokens.idx_Bk.shape)):
             with torch.no_grad():  # c_ij is not linear in n_ij: the table first, then c elementwise (0 where n_ij = 0)
-                table = tokens.table(tokens.overlap_share_Bkk(), kernels)
+                if kernels is not None:
+                    table = tokens.overlap_rows(kernels)[0]
+                    n_pairs = table.cols.numel() // 2  # both orders of each pair
+                else:
+                    table = tokens.table(tokens.overlap_share_Bkk())
+                    n_pairs = tokens.n_pairs  # logged steps only
                 table.values.mul_(1 / thr).sub_(1).clamp_(0, 1)
             value = lam * table_penalty(self.sae.W_dec, table, n, dtype)
             # logged steps only; table_penalty may have signed a dense table in place, which keeps its zeros and |c|
-            n_pairs = tokens.n_pairs
             n_pos = lambda: int(torch.count_nonzero(table.values)) // 2  # noqa: E731
             mean_c = lambda: table.values.abs().sum().item() / 2 / max(n_pos(), 1)  # noqa: E731
         elif tokens is not None:  # c_ij at every occurrence; the sums over pairs weigh each by 1 / C_ij

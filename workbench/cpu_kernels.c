@@ -110,7 +110,7 @@ void rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint
    row's partners go eight at a time (the last few one by one), so eight dot products run as independent chains
    and the gradient row is loaded and stored once per eight (eight measured 1.1-1.3x faster than four; tiling the
    partners to stay in L2 was not faster). Returns the value, summed over rows in order (the same bits for any
-   thread count). */
+   thread count). With per-latent weights (weight, n; else NULL) the coefficient is K_ij (weight_i + weight_j). */
 static inline void pair_block(const float *w_i, float *g_i, const float *const *w, const float *k, int m, int64_t d,
                               double *row_total) {
     if (m == PAIR_BLOCK) {  /* written out for eight: the compiler keeps the eight chains in registers */
@@ -154,8 +154,8 @@ static inline void pair_block(const float *w_i, float *g_i, const float *const *
     }
 }
 
-double pair_rows_abs_cosine_f32(const int64_t *row_ptr, const int32_t *cols, const float *vals, const float *W,
-                                float *grad_half, int64_t n, int64_t d) {
+double pair_rows_abs_cosine_f32(const int64_t *row_ptr, const int32_t *cols, const float *vals, const float *weight,
+                                const float *W, float *grad_half, int64_t n, int64_t d) {
     double *row_totals = malloc((size_t)n * sizeof(double));
     #pragma omp parallel for schedule(dynamic, 8)
     for (int64_t i = 0; i < n; i++) {
@@ -171,7 +171,7 @@ double pair_rows_abs_cosine_f32(const int64_t *row_ptr, const int32_t *cols, con
             if (vals[e] == 0.f)
                 continue;
             w[block] = W + (int64_t)cols[e] * d;
-            k[block++] = vals[e];
+            k[block++] = weight ? vals[e] * (weight[i] + weight[cols[e]]) : vals[e];
             if (block == PAIR_BLOCK) {
                 pair_block(w_i, g_i, w, k, PAIR_BLOCK, d, &row_total);
                 block = 0;
@@ -193,7 +193,10 @@ double pair_rows_abs_cosine_f32(const int64_t *row_ptr, const int32_t *cols, con
    a pair is absent, the diagonal included), built as rows for pair_rows_abs_cosine_f32 without the n x n table:
    each latent's occurrences are listed (a counting sort of the B k entries), then each row sums its partners'
    weights in a thread-local n-vector (L1/L2-resident) and emits them in first-seen order. Two calls: count
-   (row_ptr, n + 1 entries; returns the number of entries) and fill (cols, vals). */
+   (row_ptr, n + 1 entries; returns the number of entries) and fill (cols, vals, and each row's sum). With omega NULL
+   the weights are the entries' activity (active, B x k bytes): 1 for each pair of active entries r != s, so the
+   table holds the co-firing counts C_ij, without a B x k x k weight tensor; with inv_fires (1 / a_i, n) as well,
+   1 / min(a_i, a_j) = max(1 / a_i, 1 / a_j) instead, so it holds the overlaps n_ij = C_ij / min(a_i, a_j). */
 #define PREFETCH_AHEAD 4
 
 static inline void prefetch_bytes(const void *at, int64_t bytes) {
@@ -213,8 +216,8 @@ static void occurrences_by_latent(const int64_t *idx, int64_t entries, int64_t n
     free(cursor);
 }
 
-static int64_t table_rows(const int64_t *idx, const float *omega, int64_t B, int64_t k, int64_t n, int64_t *row_ptr,
-                          int32_t *cols, float *vals) {
+static int64_t table_rows(const int64_t *idx, const float *omega, const uint8_t *active, const float *inv_fires,
+                          int64_t B, int64_t k, int64_t n, int64_t *row_ptr, int32_t *cols, float *vals, float *row_sums) {
     const int fill = cols != NULL;
     int64_t *start = malloc(((size_t)n + 1) * sizeof(int64_t)), *at = malloc((size_t)(B * k) * sizeof(int64_t));
     occurrences_by_latent(idx, B * k, n, start, at);
@@ -225,17 +228,29 @@ static int64_t table_rows(const int64_t *idx, const float *omega, int64_t B, int
         float *acc = calloc((size_t)n, sizeof(float));  /* the row's sums so far */
         uint8_t *marked = calloc((size_t)n, 1);         /* its partners listed in seen (each once: m <= n) */
         int32_t *seen = malloc(((size_t)n + 1) * sizeof(int32_t));  /* + 1: written before m is known to grow */
+        float *activity = malloc((size_t)k * sizeof(float));         /* an occurrence's weights from active */
         #pragma omp for schedule(dynamic, 16)
         for (int64_t i = 0; i < n; i++) {
             int64_t m = 0;
             for (int64_t t = start[i]; t < start[i + 1]; t++) {
                 const int64_t e = at[t];
                 const int64_t *partners = idx + (e / k) * k;
-                const float *weights = omega + e * k;
+                const float *weights = omega ? omega + e * k : activity;
                 if (t + PREFETCH_AHEAD < start[i + 1]) {  /* occurrences are scattered over the batch */
                     const int64_t f = at[t + PREFETCH_AHEAD];
-                    prefetch_bytes(omega + f * k, k * sizeof(float));
+                    if (omega)
+                        prefetch_bytes(omega + f * k, k * sizeof(float));
+                    else
+                        prefetch_bytes(active + (f / k) * k, k);
                     prefetch_bytes(idx + (f / k) * k, k * sizeof(int64_t));
+                }
+                if (!omega) {
+                    const uint8_t *token_active = active + (e / k) * k, self_active = active[e] != 0;
+                    for (int64_t s = 0; s < k; s++)
+                        activity[s] = (float)(self_active & (token_active[s] != 0) & (s != e % k));
+                    if (inv_fires)
+                        for (int64_t s = 0; s < k; s++)
+                            activity[s] *= inv_fires[i] > inv_fires[partners[s]] ? inv_fires[i] : inv_fires[partners[s]];
                 }
                 for (int64_t s = 0; s < k; s++) {  /* branch free: whether j is new is a coin flip */
                     const float v = weights[s];
@@ -249,10 +264,13 @@ static int64_t table_rows(const int64_t *idx, const float *omega, int64_t B, int
             }
             if (fill) {
                 const int64_t base = row_ptr[i];
+                float row_sum = 0.f;
                 for (int64_t u = 0; u < m; u++) {
                     cols[base + u] = seen[u];
                     vals[base + u] = acc[seen[u]];
+                    row_sum += acc[seen[u]];
                 }
+                row_sums[i] = row_sum;
             } else {
                 row_ptr[i + 1] = m;
             }
@@ -262,6 +280,7 @@ static int64_t table_rows(const int64_t *idx, const float *omega, int64_t B, int
         free(acc);
         free(marked);
         free(seen);
+        free(activity);
     }
     free(start);
     free(at);
@@ -272,13 +291,14 @@ static int64_t table_rows(const int64_t *idx, const float *omega, int64_t B, int
     return row_ptr[n];
 }
 
-int64_t pair_table_count(const int64_t *idx, const float *omega, int64_t B, int64_t k, int64_t n, int64_t *row_ptr) {
-    return table_rows(idx, omega, B, k, n, row_ptr, NULL, NULL);
+int64_t pair_table_count(const int64_t *idx, const float *omega, const uint8_t *active, int64_t B, int64_t k, int64_t n,
+                         int64_t *row_ptr) {
+    return table_rows(idx, omega, active, NULL, B, k, n, row_ptr, NULL, NULL, NULL);
 }
 
-int64_t pair_table_fill(const int64_t *idx, const float *omega, int64_t B, int64_t k, int64_t n, const int64_t *row_ptr,
-                        int32_t *cols, float *vals) {
-    return table_rows(idx, omega, B, k, n, (int64_t *)row_ptr, cols, vals);
+int64_t pair_table_fill(const int64_t *idx, const float *omega, const uint8_t *active, const float *inv_fires, int64_t B,
+                        int64_t k, int64_t n, const int64_t *row_ptr, int32_t *cols, float *vals, float *row_sums) {
+    return table_rows(idx, omega, active, inv_fires, B, k, n, (int64_t *)row_ptr, cols, vals, row_sums);
 }
 
 /* The same penalty and gradient half for per-occurrence weights, by token: sum_b sum_{r != s} omega[b, r, s] |S_brs|,

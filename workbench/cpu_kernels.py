@@ -70,10 +70,10 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.gelu_tanh_mul_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     lib.rope_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7
-    lib.pair_rows_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
+    lib.pair_rows_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
     lib.pair_rows_abs_cosine_f32.restype = ctypes.c_double
-    lib.pair_table_count.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
-    lib.pair_table_fill.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+    lib.pair_table_count.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.pair_table_fill.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
     lib.pair_table_count.restype = lib.pair_table_fill.restype = ctypes.c_int64
     lib.token_pairs_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     lib.token_pairs_abs_cosine_f32.restype = ctypes.c_double
@@ -132,34 +132,54 @@ def _check_occurrences(idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor) -> tuple[i
     return B, k
 
 
-def pair_table_count(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor, n: int) -> torch.Tensor:
+def _table_weights(idx_Bk: torch.Tensor, weights: torch.Tensor) -> tuple[int, int, int, int]:
+    """(B, k, omega pointer, active pointer) for the table builders: weights are omega (float32, B x k x k) or the
+    entries' activity (bool, B x k: the co-firing counts)."""
+    if weights.dtype == torch.bool:
+        B, k = idx_Bk.shape
+        assert idx_Bk.dtype == torch.int64 and idx_Bk.is_contiguous()
+        assert weights.shape == (B, k) and weights.is_contiguous()
+        return B, k, 0, weights.data_ptr()  # a bool tensor is one byte per entry, 0 or 1
+    B, k = _check_occurrences(idx_Bk, weights)
+    return B, k, weights.data_ptr(), 0
+
+
+def pair_table_count(lib: ctypes.CDLL, idx_Bk: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
     """row_ptr (n + 1) of the table K_ij = the sum of omega[b, r, s] over the occurrences with idx[b, r] = i,
-    idx[b, s] = j, as its nonzero entries by row (CSR), for int64 latent indices idx (B x k, values < n) and float32
-    weights omega >= 0 (B x k x k, 0 where a pair is absent), both contiguous on a CPU; row_ptr[-1] is the number
-    of entries (both orders of each pair). pair_table_fill then gives the entries."""
-    B, k = _check_occurrences(idx_Bk, omega_Bkk)
+    idx[b, s] = j, as its nonzero entries by row (CSR), for int64 latent indices idx (B x k, values < n, distinct
+    within a token) and weights either float32 omega >= 0 (B x k x k, 0 where a pair is absent) or a bool activity
+    mask (B x k; omega 1 for each pair of active entries: K = the co-firing counts C_ij), all contiguous on a CPU;
+    row_ptr[-1] is the number of entries (both orders of each pair). pair_table_fill then gives the entries."""
+    B, k, omega_ptr, active_ptr = _table_weights(idx_Bk, weights)
     row_ptr = torch.empty(n + 1, dtype=torch.int64)
-    lib.pair_table_count(idx_Bk.data_ptr(), omega_Bkk.data_ptr(), B, k, n, row_ptr.data_ptr())
+    lib.pair_table_count(idx_Bk.data_ptr(), omega_ptr, active_ptr, B, k, n, row_ptr.data_ptr())
     return row_ptr
 
 
-def pair_table_fill(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor,
-                    row_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cols, vals) of the table pair_table_count counted (each row's columns in first-seen order): work B k^2,
-    memory the nonzeros, where the dense table costs n^2."""
-    B, k = _check_occurrences(idx_Bk, omega_Bkk)
+def pair_table_fill(lib: ctypes.CDLL, idx_Bk: torch.Tensor, weights: torch.Tensor, row_ptr: torch.Tensor,
+                    fires_F: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cols, vals, row sums) of the table pair_table_count counted (each row's columns in first-seen order): work
+    B k^2, memory the nonzeros, where the dense table costs n^2. With the activity mask and each latent's firing
+    count a_i (fires_F), the weights are 1 / min(a_i, a_j) instead of 1: the table holds the overlaps n_ij."""
+    B, k, omega_ptr, active_ptr = _table_weights(idx_Bk, weights)
+    n = row_ptr.numel() - 1
+    inv_fires = None
+    if fires_F is not None:
+        assert active_ptr and fires_F.shape == (n,)
+        inv_fires = 1.0 / fires_F.float().clamp_min(1)  # a latent in a pair fired at least once
     nnz = int(row_ptr[-1])
     cols, vals = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.float32)
-    lib.pair_table_fill(idx_Bk.data_ptr(), omega_Bkk.data_ptr(), B, k, row_ptr.numel() - 1, row_ptr.data_ptr(),
-                        cols.data_ptr(), vals.data_ptr())
-    return cols, vals
+    row_sums = torch.empty(n, dtype=torch.float32)
+    lib.pair_table_fill(idx_Bk.data_ptr(), omega_ptr, active_ptr, 0 if inv_fires is None else inv_fires.data_ptr(), B, k,
+                        n, row_ptr.data_ptr(), cols.data_ptr(), vals.data_ptr(), row_sums.data_ptr())
+    return cols, vals, row_sums
 
 
-def pair_table_rows(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor,
-                    n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_ptr, cols, vals): the table of pair_table_count and pair_table_fill."""
-    row_ptr = pair_table_count(lib, idx_Bk, omega_Bkk, n)
-    return (row_ptr, *pair_table_fill(lib, idx_Bk, omega_Bkk, row_ptr))
+def pair_table_rows(lib: ctypes.CDLL, idx_Bk: torch.Tensor, weights: torch.Tensor, n: int,
+                    fires_F: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_ptr, cols, vals, row sums): the table of pair_table_count and pair_table_fill."""
+    row_ptr = pair_table_count(lib, idx_Bk, weights, n)
+    return (row_ptr, *pair_table_fill(lib, idx_Bk, weights, row_ptr, fires_F))
 
 
 def token_pairs_abs_cosine(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor,
@@ -179,17 +199,20 @@ def token_pairs_abs_cosine(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: to
 
 
 def pair_rows_abs_cosine(lib: ctypes.CDLL, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
-                         W_FD: torch.Tensor) -> tuple[float, torch.Tensor]:
+                         W_FD: torch.Tensor, weight_F: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
     """(sum_ij K_ij |w_i . w_j|, KS W with KS = K * sign(W W^T)) for a symmetric K >= 0 with a zero diagonal given
     by rows as pair_table_rows gives it (zero entries are skipped) and float32 rows W, all contiguous on a CPU:
-    the work is K's nonzeros, not n^2."""
+    the work is K's nonzeros, not n^2. With per-latent weights (float32, n), K_ij = vals_ij (weight_i + weight_j)."""
     assert row_ptr.dtype == torch.int64 and cols.dtype == torch.int32
     assert vals.dtype == W_FD.dtype == torch.float32 and W_FD.is_contiguous()
     assert all(t.is_contiguous() for t in (row_ptr, cols, vals))
     n, d = W_FD.shape
     assert row_ptr.shape == (n + 1,) and cols.shape == vals.shape == (int(row_ptr[-1]),)
+    if weight_F is not None:
+        assert weight_F.dtype == torch.float32 and weight_F.shape == (n,) and weight_F.is_contiguous()
     half_FD = torch.empty_like(W_FD)
-    value = lib.pair_rows_abs_cosine_f32(row_ptr.data_ptr(), cols.data_ptr(), vals.data_ptr(), W_FD.data_ptr(),
+    value = lib.pair_rows_abs_cosine_f32(row_ptr.data_ptr(), cols.data_ptr(), vals.data_ptr(),
+                                         0 if weight_F is None else weight_F.data_ptr(), W_FD.data_ptr(),
                                          half_FD.data_ptr(), n, d)
     return value, half_FD
 
