@@ -216,29 +216,32 @@ def test_pair_table_rows_equal_the_scattered_table(lib, B, k, n):
 
 @pytest.mark.parametrize("B, k, n, d", [(64, 32, 300, 640), (40, 7, 50, 19), (3, 1, 5, 8), (17, 9, 2000, 36)])
 def test_token_kernel_equals_the_table_formula(lib, B, k, n, d):
-    """sum_b sum_{r != s} omega_brs |w_i . w_j| and KS W with K the occurrences' table, token by token, against
-    float64 on the scattered table: k and d that are and are not multiples of the register tiles (4 rows, 8 and 16
-    columns), inactive entries (omega 0), a single latent per token, pairs that recur over tokens (n 50) and
-    latents that never fire (n 2000). The value has the same bits at one thread as at two; the gradient the same
-    bits again at a given thread count and the same value within float32 rounding at another."""
+    """sum_b sum_{r != s} omega_brs |w_i . w_j| and KS W with K the occurrences' table, token by token, for momentum's
+    omega_brs = (w_i + w_j) / min(a_i, a_j) on pairs of active entries: against float64 on the scattered table, with
+    k and d that are and are not multiples of the register tiles (4 rows, 8 and 16 columns), inactive entries, a
+    single latent per token, pairs that recur over tokens (n 50) and latents that never fire (n 2000). The value has
+    the same bits at one thread as at two; the gradient the same bits again at a given thread count and the same
+    value within float32 rounding at another."""
     g = torch.Generator().manual_seed(B * k)
     W = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
     idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)])
     active = torch.rand(B, k, generator=g) < 0.8
-    omega = (active[:, :, None] & active[:, None, :] & ~torch.eye(k, dtype=torch.bool)) * torch.rand(B, k, k, generator=g)
-    omega = (omega + omega.transpose(1, 2)).float()
-    K = torch.zeros(n * n, dtype=torch.float64).index_add_(
-        0, (idx[:, :, None] * n + idx[:, None, :]).flatten(), omega.flatten().double()).view(n, n)
+    fires = torch.zeros(n, dtype=torch.long).index_add_(0, idx.flatten(), active.flatten().long())
+    w = 1 + (torch.rand(n, generator=g) < 0.5).float()
+    both = active[:, :, None] & active[:, None, :] & ~torch.eye(k, dtype=torch.bool)
+    i, j = idx[:, :, None], idx[:, None, :]
+    omega = both * (w[i] + w[j]).double() / torch.minimum(fires[i], fires[j]).clamp_min(1)
+    K = torch.zeros(n * n, dtype=torch.float64).index_add_(0, (i * n + j).flatten(), omega.flatten()).view(n, n)
     G = W.double() @ W.double().T
-    value, half = cpu_kernels.token_pairs_abs_cosine(lib, idx, omega, W)
+    value, half = cpu_kernels.token_pairs_abs_cosine(lib, idx, active, fires, w, W)
     assert value == pytest.approx((K * G.abs()).sum().item(), rel=1e-6, abs=1e-9)
     torch.testing.assert_close(half.double(), (K * G.sign()) @ W.double(), rtol=1e-5, atol=1e-5)
-    again = cpu_kernels.token_pairs_abs_cosine(lib, idx, omega, W)
+    again = cpu_kernels.token_pairs_abs_cosine(lib, idx, active, fires, w, W)
     assert again[0] == value and torch.equal(again[1], half)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernels.token_pairs_abs_cosine(lib, idx, omega, W)
+        one = cpu_kernels.token_pairs_abs_cosine(lib, idx, active, fires, w, W)
     finally:
         torch.set_num_threads(threads)
     assert one[0] == value

@@ -187,16 +187,23 @@ class TokenPairs:
         return torch.where(self.both_Bkk, torch.minimum(a_Bk[:, :, None], a_Bk[:, None, :]), 1.0)
 
     @torch.no_grad()
-    def overlap_rows(self, kernels) -> tuple[PairTable, torch.Tensor]:
-        """(n_ij of every co-firing pair by rows (both orders), sum_j n_ij per latent), built by the CPU kernels from
-        the activity mask and the firing counts: each occurrence weighs 1 / min(a_i, a_j), so the sums over a pair's
-        C_ij occurrences are n_ij, with no B x k x k tensor."""
-        from workbench.cpu_kernels import pair_table_rows
+    def overlap_counted(self, kernels) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row_ptr, sum_j n_ij per latent) of the table of overlaps n_ij by rows (both orders), counted by the CPU
+        kernels from the activity mask and the firing counts: each occurrence weighs 1 / min(a_i, a_j), so the sums
+        over a pair's C_ij occurrences are n_ij, with no B x k x k tensor. overlap_rows fills it."""
+        from workbench.cpu_kernels import pair_table_count
 
         n = self.fires_F.shape[0]
-        row_ptr, cols, overlaps, row_sums = pair_table_rows(kernels, self.idx_Bk.contiguous(), self.active_Bk.contiguous(),
-                                                            n, self.fires_F)
-        return PairTable(overlaps, row_ptr, cols, kernels), row_sums
+        return pair_table_count(kernels, self.idx_Bk.contiguous(), self.active_Bk.contiguous(), n, self.fires_F)
+
+    @torch.no_grad()
+    def overlap_rows(self, kernels, row_ptr: torch.Tensor) -> PairTable:
+        """The table overlap_counted counted: n_ij by rows."""
+        from workbench.cpu_kernels import pair_table_fill
+
+        cols, overlaps = pair_table_fill(kernels, self.idx_Bk.contiguous(), self.active_Bk.contiguous(), row_ptr,
+                                         self.fires_F)
+        return PairTable(overlaps, row_ptr, cols, kernels)
 
     @torch.no_grad()
     def counts_Bkk(self) -> torch.Tensor:
@@ -335,30 +342,33 @@ def gram_wanted(n: int, B: int, k: int) -> bool:
 
 
 def token_pair_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
-                       dtype: torch.dtype = torch.float32, kernels=None) -> torch.Tensor:
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(1/n) sum_{i != j} coef_ij s_ij per token, given omega = coef_ij / C_ij at every occurrence (0 where
-    not both): the CPU token kernel where pair_kernels gives it, else batched products per token chunk."""
-    kernels = pair_kernels(W_dec, dtype, kernels)
-    if kernels is not None:
-        from workbench.cpu_kernels import token_pairs_abs_cosine
-
-        kernel = functools.partial(token_pairs_abs_cosine, kernels, pairs.idx_Bk.contiguous(),
-                                   omega_Bkk.float().contiguous())
-        return _KernelAbsCosine.apply(W_dec, kernel) / n
+    not both): the path where the Gram is not wanted (gram_wanted; there, table_penalty on the count table)."""
     return _TokenPairAbsCosine.apply(W_dec, pairs.idx_Bk, omega_Bkk.float(), dtype) / n
 
 
+def token_kernel_penalty(W_dec: torch.Tensor, pairs: TokenPairs, weight_F: torch.Tensor, n: int, kernels) -> torch.Tensor:
+    """(1/n) sum_{i != j} (w_i + w_j) n_ij s_ij (momentum's), token by token by the CPU token kernel: no table, and
+    each occurrence's weight (w_i + w_j) / min(a_i, a_j) made inside it."""
+    from workbench.cpu_kernels import token_pairs_abs_cosine
+
+    kernel = functools.partial(token_pairs_abs_cosine, kernels, pairs.idx_Bk.contiguous(), pairs.active_Bk.contiguous(),
+                               pairs.fires_F, weight_F.float().contiguous())
+    return _KernelAbsCosine.apply(W_dec, kernel) / n
+
+
 # With the CPU kernels, the token kernel costs ~0.5x the pair kernel per occurrence (measured at the quickstart's
-# size: 22-26 ms for 1M occurrences, against 13 ms for a table of 0.31M entries and 37 ms for 0.89M): the trainers
-# run it unless the table has fewer entries than this share of the occurrences (co-firing pairs that recur over
+# size: 22-26 ms for 1M occurrences, against 13 ms for a table of 0.31M entries and 37 ms for 0.89M): momentum
+# runs it unless the table has fewer entries than this share of the occurrences (co-firing pairs that recur over
 # tokens, as in real codes: 0.31 on the quickstart's activations, 0.88 in bench_trainers' synthetic ones)
 TABLE_SHARE_FOR_TOKENS = 0.5
 
 
-def token_kernel_wanted(pairs: TokenPairs, table: PairTable) -> bool:
-    """The token kernel rather than the pair kernel on `table` (by rows), TABLE_SHARE_FOR_TOKENS."""
+def token_kernel_wanted(pairs: TokenPairs, row_ptr: torch.Tensor) -> bool:
+    """The token kernel rather than the pair kernel on the table counted by row_ptr, TABLE_SHARE_FOR_TOKENS."""
     B, k = pairs.idx_Bk.shape
-    return table.cols.numel() >= TABLE_SHARE_FOR_TOKENS * B * k * (k - 1)
+    return int(row_ptr[-1]) >= TABLE_SHARE_FOR_TOKENS * B * k * (k - 1)
 
 
 def occurrence_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,

@@ -62,7 +62,7 @@ class ProgressiveTrainer(CompetitionTrainer):
         if tokens is not None and (kernels is not None or gram_wanted(n, *tokens.idx_Bk.shape)):
             with torch.no_grad():  # c_ij is not linear in n_ij: the table first, then c elementwise (0 where n_ij = 0)
                 if kernels is not None:
-                    table = tokens.overlap_rows(kernels)[0]
+                    table = tokens.overlap_rows(kernels, tokens.overlap_counted(kernels)[0])
                     n_pairs = table.cols.numel() // 2  # both orders of each pair
                 else:
                     table = tokens.table(tokens.overlap_share_Bkk())

@@ -193,7 +193,7 @@ double pair_rows_abs_cosine_f32(const int64_t *row_ptr, const int32_t *cols, con
    a pair is absent, the diagonal included), built as rows for pair_rows_abs_cosine_f32 without the n x n table:
    each latent's occurrences are listed (a counting sort of the B k entries), then each row sums its partners'
    weights in a thread-local n-vector (L1/L2-resident) and emits them in first-seen order. Two calls: count
-   (row_ptr, n + 1 entries; returns the number of entries) and fill (cols, vals, and each row's sum). With omega NULL
+   (row_ptr, n + 1 entries, and each row's sum; returns the number of entries) and fill (cols, vals). With omega NULL
    the weights are the entries' activity (active, B x k bytes): 1 for each pair of active entries r != s, so the
    table holds the co-firing counts C_ij, without a B x k x k weight tensor; with inv_fires (1 / a_i, n) as well,
    1 / min(a_i, a_j) = max(1 / a_i, 1 / a_j) instead, so it holds the overlaps n_ij = C_ij / min(a_i, a_j). */
@@ -264,15 +264,16 @@ static int64_t table_rows(const int64_t *idx, const float *omega, const uint8_t 
             }
             if (fill) {
                 const int64_t base = row_ptr[i];
-                float row_sum = 0.f;
                 for (int64_t u = 0; u < m; u++) {
                     cols[base + u] = seen[u];
                     vals[base + u] = acc[seen[u]];
-                    row_sum += acc[seen[u]];
                 }
-                row_sums[i] = row_sum;
             } else {
                 row_ptr[i + 1] = m;
+                float row_sum = 0.f;
+                for (int64_t u = 0; u < m; u++)
+                    row_sum += acc[seen[u]];
+                row_sums[i] = row_sum;
             }
             for (int64_t u = 0; u < m; u++)
                 acc[seen[u]] = 0.f, marked[seen[u]] = 0;
@@ -291,19 +292,20 @@ static int64_t table_rows(const int64_t *idx, const float *omega, const uint8_t 
     return row_ptr[n];
 }
 
-int64_t pair_table_count(const int64_t *idx, const float *omega, const uint8_t *active, int64_t B, int64_t k, int64_t n,
-                         int64_t *row_ptr) {
-    return table_rows(idx, omega, active, NULL, B, k, n, row_ptr, NULL, NULL, NULL);
+int64_t pair_table_count(const int64_t *idx, const float *omega, const uint8_t *active, const float *inv_fires, int64_t B,
+                         int64_t k, int64_t n, int64_t *row_ptr, float *row_sums) {
+    return table_rows(idx, omega, active, inv_fires, B, k, n, row_ptr, NULL, NULL, row_sums);
 }
 
 int64_t pair_table_fill(const int64_t *idx, const float *omega, const uint8_t *active, const float *inv_fires, int64_t B,
-                        int64_t k, int64_t n, const int64_t *row_ptr, int32_t *cols, float *vals, float *row_sums) {
-    return table_rows(idx, omega, active, inv_fires, B, k, n, (int64_t *)row_ptr, cols, vals, row_sums);
+                        int64_t k, int64_t n, const int64_t *row_ptr, int32_t *cols, float *vals) {
+    return table_rows(idx, omega, active, inv_fires, B, k, n, (int64_t *)row_ptr, cols, vals, NULL);
 }
 
-/* The same penalty and gradient half for per-occurrence weights, by token: sum_b sum_{r != s} omega[b, r, s] |S_brs|,
-   S_b = R_b R_b^T with R_b the decoder rows of token b's latents idx[b, :] (distinct within a token), and
-   grad_half = KS W as above, K_ij summed over the occurrences. No table is built, and each token's k x k dots and its
+/* The same penalty and gradient half for momentum's occurrence weights, by token: sum_b sum_{r != s} omega_brs |S_brs|,
+   S_b = R_b R_b^T with R_b the decoder rows of token b's latents i = idx[b, r] (distinct within a token),
+   omega_brs = (weight_i + weight_j) / min(a_i, a_j) where entries r != s are both active (else 0), given
+   inv_fires = 1 / a (n), and grad_half = KS W as above, K_ij summed over the occurrences (K = (w_i + w_j) n_ij). No table is built, and each token's k x k dots and its
    k x d gradient rows are small dense products that reuse every loaded row across a register tile (four rows by two
    partners for the dots, four rows by sixteen columns for the gradient), where the pair kernel loads a partner row
    per dot product: cheaper while the occurrences are not much more than the table's entries (competition.py picks).
@@ -382,8 +384,8 @@ static inline void gradient_tile(const float *const *a, const float *const *rows
 
 #define GRADIENT_COPIES_MAX_FLOATS ((int64_t)1 << 28)  /* 1 GB of float32 gradient copies */
 
-double token_pairs_abs_cosine_f32(const int64_t *idx, const float *omega, const float *W, float *grad_half, int64_t B,
-                                  int64_t k, int64_t n, int64_t d) {
+double token_pairs_abs_cosine_f32(const int64_t *idx, const uint8_t *active, const float *inv_fires, const float *weight,
+                                  const float *W, float *grad_half, int64_t B, int64_t k, int64_t n, int64_t d) {
     const int64_t kp = (k + TOKEN_TILE - 1) / TOKEN_TILE * TOKEN_TILE, copy_floats = n * d;
     int64_t threads = omp_get_max_threads(), fit = GRADIENT_COPIES_MAX_FLOATS / (copy_floats > 0 ? copy_floats : 1);
     threads = threads < fit ? threads : fit;
@@ -411,11 +413,16 @@ double token_pairs_abs_cosine_f32(const int64_t *idx, const float *omega, const 
                         for (int u = 0; u < 2; u++)
                             A[(r0 + q) * kp + s0 + u] = A[(s0 + u) * kp + r0 + q] = out[q][u];
                 }
-            const float *om = omega + b * k * k;
+            const uint8_t *token_active = active + b * k;
             double total = 0.0;
             for (int64_t r = 0; r < kp; r++)
                 for (int64_t s = 0; s < kp; s++) {
-                    const float w = r < k && s < k && r != s ? om[r * k + s] : 0.f, dot = A[r * kp + s];
+                    float w = 0.f;
+                    if (r < k && s < k && r != s && token_active[r] && token_active[s]) {
+                        const int64_t i = latents[r], j = latents[s];
+                        w = (weight[i] + weight[j]) * (inv_fires[i] > inv_fires[j] ? inv_fires[i] : inv_fires[j]);
+                    }
+                    const float dot = A[r * kp + s];
                     total += (double)(w * __builtin_fabsf(dot));
                     A[r * kp + s] = dot < 0.f ? -w : w;
                 }

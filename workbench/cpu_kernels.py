@@ -72,10 +72,10 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     lib.rope_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7
     lib.pair_rows_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
     lib.pair_rows_abs_cosine_f32.restype = ctypes.c_double
-    lib.pair_table_count.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
-    lib.pair_table_fill.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4
+    lib.pair_table_count.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
+    lib.pair_table_fill.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
     lib.pair_table_count.restype = lib.pair_table_fill.restype = ctypes.c_int64
-    lib.token_pairs_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+    lib.token_pairs_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
     lib.token_pairs_abs_cosine_f32.restype = ctypes.c_double
     return lib
 
@@ -124,77 +124,78 @@ def rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return out
 
 
-def _check_occurrences(idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor) -> tuple[int, int]:
-    assert idx_Bk.dtype == torch.int64 and omega_Bkk.dtype == torch.float32
-    assert idx_Bk.is_contiguous() and omega_Bkk.is_contiguous()
+def _table_weights(idx_Bk: torch.Tensor, weights: torch.Tensor, fires_F: torch.Tensor | None,
+                   n: int) -> tuple[int, int, int, int, torch.Tensor | None]:
+    """(B, k, omega pointer, active pointer, 1 / a) for the table builders: weights are omega (float32, B x k x k) or
+    the entries' activity (bool, B x k), with the firing counts a_i optionally (activity only)."""
+    assert idx_Bk.dtype == torch.int64 and idx_Bk.is_contiguous() and weights.is_contiguous()
     B, k = idx_Bk.shape
-    assert omega_Bkk.shape == (B, k, k)
-    return B, k
-
-
-def _table_weights(idx_Bk: torch.Tensor, weights: torch.Tensor) -> tuple[int, int, int, int]:
-    """(B, k, omega pointer, active pointer) for the table builders: weights are omega (float32, B x k x k) or the
-    entries' activity (bool, B x k: the co-firing counts)."""
     if weights.dtype == torch.bool:
-        B, k = idx_Bk.shape
-        assert idx_Bk.dtype == torch.int64 and idx_Bk.is_contiguous()
-        assert weights.shape == (B, k) and weights.is_contiguous()
-        return B, k, 0, weights.data_ptr()  # a bool tensor is one byte per entry, 0 or 1
-    B, k = _check_occurrences(idx_Bk, weights)
-    return B, k, weights.data_ptr(), 0
+        assert weights.shape == (B, k)
+        inv_fires = None if fires_F is None else _inverse_fires(fires_F, n)
+        return B, k, 0, weights.data_ptr(), inv_fires  # a bool tensor is one byte per entry, 0 or 1
+    assert weights.dtype == torch.float32 and weights.shape == (B, k, k) and fires_F is None
+    return B, k, weights.data_ptr(), 0, None
 
 
-def pair_table_count(lib: ctypes.CDLL, idx_Bk: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
-    """row_ptr (n + 1) of the table K_ij = the sum of omega[b, r, s] over the occurrences with idx[b, r] = i,
-    idx[b, s] = j, as its nonzero entries by row (CSR), for int64 latent indices idx (B x k, values < n, distinct
-    within a token) and weights either float32 omega >= 0 (B x k x k, 0 where a pair is absent) or a bool activity
-    mask (B x k; omega 1 for each pair of active entries: K = the co-firing counts C_ij), all contiguous on a CPU;
+def _inverse_fires(fires_F: torch.Tensor, n: int) -> torch.Tensor:
+    assert fires_F.shape == (n,)
+    return 1.0 / fires_F.float().clamp_min(1)  # a latent in a co-firing pair fired at least once
+
+
+def pair_table_count(lib: ctypes.CDLL, idx_Bk: torch.Tensor, weights: torch.Tensor, n: int,
+                     fires_F: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_ptr (n + 1), row sums (n)) of the table K_ij = the sum of omega[b, r, s] over the occurrences with
+    idx[b, r] = i, idx[b, s] = j, as its nonzero entries by row (CSR), for int64 latent indices idx (B x k, values
+    < n, distinct within a token) and weights either float32 omega >= 0 (B x k x k, 0 where a pair is absent) or a
+    bool activity mask (B x k; omega 1 for each pair of active entries: K = the co-firing counts C_ij; with each
+    latent's firing count a_i (fires_F) omega 1 / min(a_i, a_j): K = the overlaps n_ij), all contiguous on a CPU;
     row_ptr[-1] is the number of entries (both orders of each pair). pair_table_fill then gives the entries."""
-    B, k, omega_ptr, active_ptr = _table_weights(idx_Bk, weights)
-    row_ptr = torch.empty(n + 1, dtype=torch.int64)
-    lib.pair_table_count(idx_Bk.data_ptr(), omega_ptr, active_ptr, B, k, n, row_ptr.data_ptr())
-    return row_ptr
+    B, k, omega_ptr, active_ptr, inv_fires = _table_weights(idx_Bk, weights, fires_F, n)
+    row_ptr, row_sums = torch.empty(n + 1, dtype=torch.int64), torch.empty(n, dtype=torch.float32)
+    lib.pair_table_count(idx_Bk.data_ptr(), omega_ptr, active_ptr, 0 if inv_fires is None else inv_fires.data_ptr(), B,
+                         k, n, row_ptr.data_ptr(), row_sums.data_ptr())
+    return row_ptr, row_sums
 
 
 def pair_table_fill(lib: ctypes.CDLL, idx_Bk: torch.Tensor, weights: torch.Tensor, row_ptr: torch.Tensor,
-                    fires_F: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(cols, vals, row sums) of the table pair_table_count counted (each row's columns in first-seen order): work
-    B k^2, memory the nonzeros, where the dense table costs n^2. With the activity mask and each latent's firing
-    count a_i (fires_F), the weights are 1 / min(a_i, a_j) instead of 1: the table holds the overlaps n_ij."""
-    B, k, omega_ptr, active_ptr = _table_weights(idx_Bk, weights)
+                    fires_F: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cols, vals) of the table pair_table_count counted, with the same arguments (each row's columns in first-seen
+    order): work B k^2, memory the nonzeros, where the dense table costs n^2."""
     n = row_ptr.numel() - 1
-    inv_fires = None
-    if fires_F is not None:
-        assert active_ptr and fires_F.shape == (n,)
-        inv_fires = 1.0 / fires_F.float().clamp_min(1)  # a latent in a pair fired at least once
+    B, k, omega_ptr, active_ptr, inv_fires = _table_weights(idx_Bk, weights, fires_F, n)
     nnz = int(row_ptr[-1])
     cols, vals = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.float32)
-    row_sums = torch.empty(n, dtype=torch.float32)
     lib.pair_table_fill(idx_Bk.data_ptr(), omega_ptr, active_ptr, 0 if inv_fires is None else inv_fires.data_ptr(), B, k,
-                        n, row_ptr.data_ptr(), cols.data_ptr(), vals.data_ptr(), row_sums.data_ptr())
-    return cols, vals, row_sums
+                        n, row_ptr.data_ptr(), cols.data_ptr(), vals.data_ptr())
+    return cols, vals
 
 
 def pair_table_rows(lib: ctypes.CDLL, idx_Bk: torch.Tensor, weights: torch.Tensor, n: int,
                     fires_F: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row_ptr, cols, vals, row sums): the table of pair_table_count and pair_table_fill."""
-    row_ptr = pair_table_count(lib, idx_Bk, weights, n)
-    return (row_ptr, *pair_table_fill(lib, idx_Bk, weights, row_ptr, fires_F))
+    row_ptr, row_sums = pair_table_count(lib, idx_Bk, weights, n, fires_F)
+    return (row_ptr, *pair_table_fill(lib, idx_Bk, weights, row_ptr, fires_F), row_sums)
 
 
-def token_pairs_abs_cosine(lib: ctypes.CDLL, idx_Bk: torch.Tensor, omega_Bkk: torch.Tensor,
-                           W_FD: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(sum_b sum_{r != s} omega[b, r, s] |w_idx[b, r] . w_idx[b, s]|, KS W) with K the table of the occurrences'
-    weights (pair_table_count; symmetric where omega is) and KS = K * sign(W W^T): the value and gradient half of
+def token_pairs_abs_cosine(lib: ctypes.CDLL, idx_Bk: torch.Tensor, active_Bk: torch.Tensor, fires_F: torch.Tensor,
+                           weight_F: torch.Tensor, W_FD: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(sum_b sum_{r != s} omega_brs |w_i . w_j|, KS W) for momentum's occurrence weights omega_brs =
+    (weight_i + weight_j) / min(a_i, a_j) where entries r != s (latents i = idx[b, r], j = idx[b, s]) both fire, else
+    0, with K their table ((w_i + w_j) n_ij) and KS = K * sign(W W^T): the value and gradient half of
     pair_rows_abs_cosine on that table, token by token without building it. idx: int64 (B x k), distinct latents
-    within each token; omega: float32 (B x k x k), 0 on the diagonal; W float32 rows; all contiguous on a CPU. The
-    gradient has the same bits for a given thread count, the value for any."""
-    B, k = _check_occurrences(idx_Bk, omega_Bkk)
-    assert W_FD.dtype == torch.float32 and W_FD.is_contiguous()
+    within each token; active: bool (B x k); fires_F: the firing counts a (n); weight_F, W: float32; all contiguous on
+    a CPU. The gradient has the same bits for a given thread count, the value for any."""
+    assert idx_Bk.dtype == torch.int64 and active_Bk.dtype == torch.bool and active_Bk.shape == idx_Bk.shape
+    assert W_FD.dtype == weight_F.dtype == torch.float32
+    assert all(t.is_contiguous() for t in (idx_Bk, active_Bk, weight_F, W_FD))
+    B, k = idx_Bk.shape
     n, d = W_FD.shape
+    assert weight_F.shape == (n,)
+    inv_fires = _inverse_fires(fires_F, n)
     half_FD = torch.empty_like(W_FD)
-    value = lib.token_pairs_abs_cosine_f32(idx_Bk.data_ptr(), omega_Bkk.data_ptr(), W_FD.data_ptr(), half_FD.data_ptr(),
-                                           B, k, n, d)
+    value = lib.token_pairs_abs_cosine_f32(idx_Bk.data_ptr(), active_Bk.data_ptr(), inv_fires.data_ptr(),
+                                           weight_F.data_ptr(), W_FD.data_ptr(), half_FD.data_ptr(), B, k, n, d)
     return value, half_FD
 
 
