@@ -305,10 +305,11 @@ int64_t pair_table_fill(const int64_t *idx, const float *omega, const uint8_t *a
 /* The same penalty and gradient half for momentum's occurrence weights, by token: sum_b sum_{r != s} omega_brs |S_brs|,
    S_b = R_b R_b^T with R_b the decoder rows of token b's latents i = idx[b, r] (distinct within a token),
    omega_brs = (weight_i + weight_j) / min(a_i, a_j) where entries r != s are both active (else 0), given
-   inv_fires = 1 / a (n), and grad_half = KS W as above, K_ij summed over the occurrences (K = (w_i + w_j) n_ij). No table is built, and each token's k x k dots and its
-   k x d gradient rows are small dense products that reuse every loaded row across a register tile (four rows by two
-   partners for the dots, four rows by sixteen columns for the gradient), where the pair kernel loads a partner row
-   per dot product: cheaper while the occurrences are not much more than the table's entries (competition.py picks).
+   inv_fires = 1 / a (n), and grad_half = KS W as above, K_ij summed over the occurrences (K = (w_i + w_j) n_ij).
+   No table is built, and each token's k x k dots and its k x d gradient rows are small dense products that reuse
+   every loaded row across a register tile (four rows by two partners for the dots, four rows by sixteen columns for
+   the gradient), where the pair kernel loads a partner row per dot product: cheaper while the occurrences are not
+   much more than the table's entries (trainers/competition.py token_kernel_wanted picks).
    Tokens go to threads in contiguous blocks, each accumulating into its own copy of the gradient (the first is
    grad_half; copies are capped at 1 GB, fewer threads where they would not fit), summed in thread order at the end:
    the same bits for a given thread count. The value is summed over tokens in order (the same bits for any). */
