@@ -69,6 +69,13 @@ def stat(value):
     return value() if callable(value) else value  # a stat that costs work is a callable, read when logged
 
 
+def base_loss_of(tr, acts, progress):
+    """The trainer's base_loss with its latents made dense (TopK codes hold them) and detached, as penalty's active()
+    gives them."""
+    parts, base, latents, recon, codes = tr.base_loss(acts, progress)
+    return parts, base, (codes.latents_BF if latents is None else latents).detach(), recon, codes
+
+
 def dense_n_pairs(latents):
     M = (latents > 0).double()
     return int(torch.triu(M.T @ M, diagonal=1).count_nonzero())
@@ -120,14 +127,14 @@ def test_momentum_matches_dense_reference(seed, base, path, kernels_for):
     m_ref = torch.zeros(N, dtype=torch.float64)
     for step in range(3):
         W_ref = tr.sae.W_dec.detach().clone().double().requires_grad_(True)
-        _, base_loss, latents, _, codes = tr.base_loss(acts, step / 20)
+        _, base_loss, latents, _, codes = base_loss_of(tr, acts, step / 20)
         c = dense_overlap(latents.detach())
         m_ref = beta * m_ref + (1 - beta) * c.sum(1)
         w = 1.0 + (m_ref > tau).double()
         pen = lam * ((w[:, None] + w[None, :]) * c * dense_s(W_ref)).sum() / N
         pen.backward()
         m_before = tr.momentum_F.clone()
-        value, stats = tr.penalty(latents, step / 20, codes if path != "pairs" else None)  # the penalty alone
+        value, stats = tr.penalty(lambda: latents, step / 20, codes if path != "pairs" else None)  # the penalty alone
         assert (tr.token_pairs(codes) is not None) == (base == "topk")
         torch.testing.assert_close(value.double(), pen.detach(), rtol=1e-5, atol=1e-7)
         assert stat(stats["cofiring_pairs"]) == dense_n_pairs(latents)
@@ -151,7 +158,7 @@ def test_progressive_matches_dense_reference(seed, schedule, path, kernels_for):
                     schedule=schedule)
     for p in (0.0, 0.3, 0.9, 1.0):
         W_ref = tr.sae.W_dec.detach().clone().double().requires_grad_(True)
-        _, base_loss, latents, _, codes = tr.base_loss(acts, p)
+        _, base_loss, latents, _, codes = base_loss_of(tr, acts, p)
         thr = theta0 if schedule == "static" else max(theta0 * (1 - p), 1e-3)
         lam = lam_max if schedule == "static" else lam_max * (1 - p) ** gamma
         assert schedule_at(tr.cfg, p) == pytest.approx((thr, lam))
@@ -160,7 +167,7 @@ def test_progressive_matches_dense_reference(seed, schedule, path, kernels_for):
         c.fill_diagonal_(0)
         pen = lam * (c * dense_s(W_ref)).sum() / N
         pen.backward()
-        value, stats = tr.penalty(latents, p, codes if path != "pairs" else None)
+        value, stats = tr.penalty(lambda: latents, p, codes if path != "pairs" else None)
         torch.testing.assert_close(value.double(), pen.detach(), rtol=1e-5, atol=1e-7)
         (g_fast,) = torch.autograd.grad(value, tr.sae.W_dec)
         torch.testing.assert_close(g_fast.double(), W_ref.grad, rtol=1e-4, atol=1e-7)
@@ -181,7 +188,7 @@ def test_momentum_normalizations_match_dense_reference(normalize, tau, path):
     m_ref = torch.zeros(N, dtype=torch.float64)
     for step in range(3):
         W_ref = tr.sae.W_dec.detach().clone().double().requires_grad_(True)
-        _, _, latents, _, codes = tr.base_loss(acts, step / 20)
+        _, _, latents, _, codes = base_loss_of(tr, acts, step / 20)
         c = dense_overlap(latents.detach())
         partners = (c > 0).double().sum(1) if normalize == "mean" else None
         signal = c.sum(1) / partners.clamp_min(1) if normalize == "mean" else c.sum(1)
@@ -189,7 +196,7 @@ def test_momentum_normalizations_match_dense_reference(normalize, tau, path):
         cut = torch.quantile(m_ref, tau) if normalize == "quantile" else tau
         w = 1.0 + (m_ref > cut).double()
         pen = lam * ((w[:, None] + w[None, :]) * c * dense_s(W_ref)).sum() / N
-        value, stats = tr.penalty(latents, step / 20, codes if path == "tokens" else None)
+        value, stats = tr.penalty(lambda: latents, step / 20, codes if path == "tokens" else None)
         torch.testing.assert_close(value.double(), pen.detach(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(tr.momentum_F.double(), m_ref, rtol=1e-5, atol=1e-6)
         assert stats["frac_w2"] == pytest.approx((w > 1).double().mean().item())
@@ -205,7 +212,7 @@ def test_training_steps_match_dense_reference_weights():
     ref, _ = make("momentum", 5, base="topk", beta=0.9, tau=0.2, lambda2=0.5)
 
     def dense_loss(acts_BD, progress):
-        parts, base, latents, recon, _ = ref.base_loss(acts, progress)
+        parts, base, latents, recon, _ = base_loss_of(ref, acts, progress)
         c = dense_overlap(latents.detach()).float()
         with torch.no_grad():
             ref.momentum_F.mul_(0.9).add_(0.1 * c.sum(1))
@@ -245,12 +252,12 @@ def test_token_path_kernels_and_large_n_counting_agree(monkeypatch, name, settin
     import trainers.competition as comp
 
     tr, acts = make(name, 4, **settings)
-    _, _, latents, _, codes = tr.base_loss(acts, 0.2)
+    _, _, latents, _, codes = base_loss_of(tr, acts, 0.2)
     state = {key: value.clone() for key, value in tr.extra_state().items() if torch.is_tensor(value)}
 
     def run():
         tr.load_extra_state({**tr.extra_state(), **state})  # momentum's m: each call starts from the same one
-        value, stats = tr.penalty(latents, 0.2, codes)
+        value, stats = tr.penalty(lambda: latents, 0.2, codes)
         (grad,) = torch.autograd.grad(value, tr.sae.W_dec)
         return value.detach(), grad, *(stat(stats[key]) for key in keys)
 

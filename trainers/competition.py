@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -187,23 +187,16 @@ class TokenPairs:
         return torch.where(self.both_Bkk, torch.minimum(a_Bk[:, :, None], a_Bk[:, None, :]), 1.0)
 
     @torch.no_grad()
-    def overlap_counted(self, kernels) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row_ptr, sum_j n_ij per latent) of the table of overlaps n_ij by rows (both orders), counted by the CPU
-        kernels from the activity mask and the firing counts: each occurrence weighs 1 / min(a_i, a_j), so the sums
-        over a pair's C_ij occurrences are n_ij, with no B x k x k tensor. overlap_rows fills it."""
-        from workbench.cpu_kernels import pair_table_count
+    def overlap_table(self, kernels) -> tuple[PairTable, torch.Tensor]:
+        """(the table of overlaps n_ij by rows (both orders), sum_j n_ij per latent), built by the CPU kernels in one
+        pass from the activity mask and the firing counts: each occurrence weighs 1 / min(a_i, a_j), so the sums over
+        a pair's C_ij occurrences are n_ij, with no B x k x k tensor."""
+        from workbench.cpu_kernels import pair_table_rows
 
         n = self.fires_F.shape[0]
-        return pair_table_count(kernels, self.idx_Bk.contiguous(), self.active_Bk.contiguous(), n, self.fires_F)
-
-    @torch.no_grad()
-    def overlap_rows(self, kernels, row_ptr: torch.Tensor) -> PairTable:
-        """The table overlap_counted counted: n_ij by rows."""
-        from workbench.cpu_kernels import pair_table_fill
-
-        cols, overlaps = pair_table_fill(kernels, self.idx_Bk.contiguous(), self.active_Bk.contiguous(), row_ptr,
-                                         self.fires_F)
-        return PairTable(overlaps, row_ptr, cols, kernels)
+        row_ptr, cols, overlaps, row_sums = pair_table_rows(kernels, self.idx_Bk.contiguous(),
+                                                            self.active_Bk.contiguous(), n, self.fires_F)
+        return PairTable(overlaps, row_ptr, cols, kernels), row_sums
 
     @torch.no_grad()
     def counts_Bkk(self) -> torch.Tensor:
@@ -366,7 +359,7 @@ TABLE_SHARE_FOR_TOKENS = 0.5
 
 
 def token_kernel_wanted(pairs: TokenPairs, row_ptr: torch.Tensor) -> bool:
-    """The token kernel rather than the pair kernel on the table counted by row_ptr, TABLE_SHARE_FOR_TOKENS."""
+    """The token kernel rather than the pair kernel on the table with rows row_ptr: TABLE_SHARE_FOR_TOKENS."""
     B, k = pairs.idx_Bk.shape
     return int(row_ptr[-1]) >= TABLE_SHARE_FOR_TOKENS * B * k * (k - 1)
 
@@ -450,15 +443,16 @@ class CompetitionTrainer(Trainer):
         super().__init__(cfg, **kw)
 
     def base_loss(self, acts_BD: torch.Tensor, progress: float):
-        """(parts, loss, latents, x_hat, TopK codes or None)."""
+        """(parts, loss, latents (None with TopK codes, which hold them), x_hat, TopK codes or None)."""
         if self.cfg.base == "topk":
             parts, loss, codes, recon_BD = topk_loss_parts(self, acts_BD)
-            return parts, loss, codes.latents_BF, recon_BD, codes
+            return parts, loss, None, recon_BD, codes
         return (*relu_loss_parts(self, acts_BD, progress), None)
 
-    def penalty(self, latents_BF: torch.Tensor, progress: float,
+    def penalty(self, active: Callable[[], torch.Tensor], progress: float,
                 codes: Codes | None = None) -> tuple[torch.Tensor, dict]:
-        """The penalty and its statistics, from the pair list, or per token when `token_pairs` gives them."""
+        """The penalty and its statistics, from the pair list of active() (global_active's latents, made on the first
+        call: the per-token paths never need the dense B x n matrix), or per token when `token_pairs` gives them."""
         raise NotImplementedError
 
     def token_pairs(self, codes: Codes | None) -> TokenPairs | None:
@@ -476,7 +470,8 @@ class CompetitionTrainer(Trainer):
 
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
         parts, base, latents_BF, recon_BD, codes = self.base_loss(acts_BD, progress)
-        penalty, stats = self.penalty(global_active(latents_BF), progress, codes)
+        active = functools.cache(lambda: global_active((codes.latents_BF if latents_BF is None else latents_BF).detach()))
+        penalty, stats = self.penalty(active, progress, codes)
         loss = base + penalty  # the penalty is the same on every rank under torchrun (global pairs)
         parts["competition"] = penalty.detach()
         total = distributed.all_mean(loss.detach())

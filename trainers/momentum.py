@@ -51,23 +51,23 @@ class MomentumTrainer(CompetitionTrainer):
         super().__init__(cfg, **kw)
         self.momentum_F = torch.zeros(self.sae.d_sae, device=self.sae.W_dec.device)
 
-    def penalty(self, latents_BF, progress, codes=None):
+    def penalty(self, active, progress, codes=None):
         cfg, n = self.cfg, self.sae.d_sae
         tokens = self.token_pairs(codes)
         dtype = self.penalty_dtype()
         kernels = pair_kernels(self.sae.W_dec, dtype, self.kernels) if tokens is not None else None
         with torch.no_grad():
-            if kernels is not None:  # c_ij = n_ij of every co-firing pair: its table counted by rows, with row sums
-                row_ptr, signal_F = tokens.overlap_counted(kernels)
+            if kernels is not None:  # c_ij = n_ij of every co-firing pair: its table by rows, with row sums
+                table, signal_F = tokens.overlap_table(kernels)
                 if cfg.normalize == "mean":  # distinct partners: the row's entries
-                    signal_F = signal_F / row_ptr.diff().clamp_min(1)
+                    signal_F = signal_F / table.row_ptr.diff().clamp_min(1)
             elif tokens is not None:  # c_ij / C_ij per occurrence: its sums over occurrences are sums over pairs
                 c_occ = tokens.overlap_share_Bkk()
                 signal_F = tokens.per_latent_sum(c_occ)
                 if cfg.normalize == "mean":  # distinct partners: 1 / C_ij per occurrence
                     signal_F = signal_F / tokens.per_latent_sum(1 / tokens.counts_Bkk()).round().clamp_min(1)
             else:
-                pairs = cofiring_pairs(latents_BF)
+                pairs = cofiring_pairs(active())
                 c_P = pairs.overlap
                 signal_F = per_latent_sum(pairs, c_P, n)
                 if cfg.normalize == "mean":
@@ -75,11 +75,10 @@ class MomentumTrainer(CompetitionTrainer):
             self.momentum_F.mul_(cfg.beta).add_((1 - cfg.beta) * signal_F)
             cut = self.momentum_F.float().quantile(cfg.tau) if cfg.normalize == "quantile" else cfg.tau
             w_F = 1.0 + (self.momentum_F > cut).float()
-        if kernels is not None and token_kernel_wanted(tokens, row_ptr):  # each occurrence's weight in the kernel
+        if kernels is not None and token_kernel_wanted(tokens, table.row_ptr):  # each occurrence's weight inside
             value = cfg.lambda2 * token_kernel_penalty(self.sae.W_dec, tokens, w_F, n, kernels)
         elif kernels is not None:  # coefficients (w_i + w_j) n_ij, scaled in the pair kernel
-            table = dataclasses.replace(tokens.overlap_rows(kernels, row_ptr), weight_F=w_F)
-            value = cfg.lambda2 * table_penalty(self.sae.W_dec, table, n, dtype)
+            value = cfg.lambda2 * table_penalty(self.sae.W_dec, dataclasses.replace(table, weight_F=w_F), n, dtype)
         elif tokens is not None:
             w_Bk = w_F[tokens.idx_Bk]
             omega = (w_Bk[:, :, None] + w_Bk[:, None, :]).mul_(c_occ)
@@ -88,7 +87,7 @@ class MomentumTrainer(CompetitionTrainer):
             coef_P = (w_F[pairs.i] + w_F[pairs.j]) * c_P
             value = cfg.lambda2 * competition_penalty(self.sae.W_dec, pairs, coef_P, n)
         if kernels is not None:
-            n_pairs = int(row_ptr[-1]) // 2  # both orders of each pair
+            n_pairs = int(table.row_ptr[-1]) // 2  # both orders of each pair
         else:
             n_pairs = tokens.n_pairs if tokens is not None else pairs.n_pairs  # the tokens' only when logged (a dedup)
         m = self.momentum_F

@@ -48,12 +48,12 @@ class ProgressiveTrainer(CompetitionTrainer):
     def __init__(self, cfg: ProgressiveConfig, **kw):
         super().__init__(cfg, **kw)
         self.snapshots: list[dict] = []
-        self._last_latents = None  # the last batch's codes (the snapshot's co-firing pairs)
+        self._last_active = None  # the step's active() (a snapshot's co-firing pairs), kept until the step ends
 
-    def penalty(self, latents_BF, progress, codes=None):
+    def penalty(self, active, progress, codes=None):
         thr, lam = schedule_at(self.cfg, progress)
         n = self.sae.d_sae
-        self._last_latents = latents_BF.detach()
+        self._last_active = active
         tokens = self.token_pairs(codes)
         dtype = self.penalty_dtype()
         kernels = pair_kernels(self.sae.W_dec, dtype, self.kernels)
@@ -62,7 +62,7 @@ class ProgressiveTrainer(CompetitionTrainer):
         if tokens is not None and (kernels is not None or gram_wanted(n, *tokens.idx_Bk.shape)):
             with torch.no_grad():  # c_ij is not linear in n_ij: the table first, then c elementwise (0 where n_ij = 0)
                 if kernels is not None:
-                    table = tokens.overlap_rows(kernels, tokens.overlap_counted(kernels)[0])
+                    table = tokens.overlap_table(kernels)[0]
                     n_pairs = table.cols.numel() // 2  # both orders of each pair
                 else:
                     table = tokens.table(tokens.overlap_share_Bkk())
@@ -81,7 +81,7 @@ class ProgressiveTrainer(CompetitionTrainer):
             n_pos = lambda: round(0.5 * (per_pair * (c_occ > 0)).sum().item())  # noqa: E731
             mean_c = lambda: 0.5 * (per_pair * c_occ).sum().item() / max(n_pos(), 1)  # noqa: E731
         else:
-            pairs = cofiring_pairs(latents_BF)
+            pairs = cofiring_pairs(active())
             c_P = ((pairs.overlap - thr) / thr).clamp(0, 1)
             value = lam * competition_penalty(self.sae.W_dec, pairs, c_P, n)
             active = c_P > 0
@@ -95,12 +95,13 @@ class ProgressiveTrainer(CompetitionTrainer):
         done = len(self.snapshots)
         if done < len(SNAPSHOTS) and self.step_count >= round(SNAPSHOTS[done] * self.total_steps):
             self.snapshots.append(self.separation_snapshot(SNAPSHOTS[done]))
+        self._last_active = None  # nor its batch's graph
         return out
 
     @torch.no_grad()
     def separation_snapshot(self, at: float) -> dict:
         """Histogram of s_ij over this batch's co-firing pairs, and mean over latents of max_j s_ij."""
-        pairs = cofiring_pairs(self._last_latents)
+        pairs = cofiring_pairs(self._last_active())
         s_P = pair_dots(self.sae.W_dec, pairs.i, pairs.j).abs().float().cpu()
         hist = torch.histc(s_P, bins=HIST_BINS, min=0.0, max=1.0)
         return {"progress": at, "step": self.step_count, "bin_edges": torch.linspace(0, 1, HIST_BINS + 1).tolist(),

@@ -190,13 +190,16 @@ double pair_rows_abs_cosine_f32(const int64_t *row_ptr, const int32_t *cols, con
 
 /* The table K_ij = sum of omega[b, r, s] over the occurrences (token b, entries r, s) with idx[b, r] = i and
    idx[b, s] = j, for per-token latent indices idx (B x k) and occurrence weights omega >= 0 (B x k x k; 0 where
-   a pair is absent, the diagonal included), built as rows for pair_rows_abs_cosine_f32 without the n x n table:
-   each latent's occurrences are listed (a counting sort of the B k entries), then each row sums its partners'
-   weights in a thread-local n-vector (L1/L2-resident) and emits them in first-seen order. Two calls: count
-   (row_ptr, n + 1 entries, and each row's sum; returns the number of entries) and fill (cols, vals). With omega NULL
-   the weights are the entries' activity (active, B x k bytes): 1 for each pair of active entries r != s, so the
-   table holds the co-firing counts C_ij, without a B x k x k weight tensor; with inv_fires (1 / a_i, n) as well,
-   1 / min(a_i, a_j) = max(1 / a_i, 1 / a_j) instead, so it holds the overlaps n_ij = C_ij / min(a_i, a_j). */
+   a pair is absent, the diagonal included), built as rows for pair_rows_abs_cosine_f32 without the n x n table, in
+   one pass: each latent's occurrences are listed (a counting sort of the B k entries), then each row sums its
+   partners' weights in a thread-local n-vector (L1/L2-resident) and emits them in first-seen order into its own slot
+   of cols / vals, sized by its bound min(n - 1, occurrences (k - 1)) (capacity: the slots' total, which the caller
+   allocated; -1 if it is short), with the row's sum; the rows are then moved down to CSR (row_ptr, n + 1 entries),
+   a copy of the entries, sequential (~0.3 ms for 0.3M entries), where counting first would scan the occurrences
+   twice. Returns the number of entries. With omega NULL the weights are the entries' activity (active, B x k bytes):
+   1 for each pair of active entries r != s, so the table holds the co-firing counts C_ij, without a B x k x k weight
+   tensor; with inv_fires (1 / a_i, n) as well, 1 / min(a_i, a_j) = max(1 / a_i, 1 / a_j) instead, so it holds the
+   overlaps n_ij = C_ij / min(a_i, a_j). */
 #define PREFETCH_AHEAD 4
 
 static inline void prefetch_bytes(const void *at, int64_t bytes) {
@@ -216,13 +219,21 @@ static void occurrences_by_latent(const int64_t *idx, int64_t entries, int64_t n
     free(cursor);
 }
 
-static int64_t table_rows(const int64_t *idx, const float *omega, const uint8_t *active, const float *inv_fires,
-                          int64_t B, int64_t k, int64_t n, int64_t *row_ptr, int32_t *cols, float *vals, float *row_sums) {
-    const int fill = cols != NULL;
+int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *active, const float *inv_fires, int64_t B,
+                        int64_t k, int64_t n, int64_t capacity, int64_t *row_ptr, int32_t *cols, float *vals,
+                        float *row_sums) {
     int64_t *start = malloc(((size_t)n + 1) * sizeof(int64_t)), *at = malloc((size_t)(B * k) * sizeof(int64_t));
+    int64_t *slot = malloc(((size_t)n + 1) * sizeof(int64_t));
     occurrences_by_latent(idx, B * k, n, start, at);
-    if (!fill)
-        row_ptr[0] = 0;
+    slot[0] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t bound = (start[i + 1] - start[i]) * (k - 1);
+        slot[i + 1] = slot[i] + (bound < n - 1 ? bound : n - 1);
+    }
+    if (slot[n] > capacity) {
+        free(start), free(at), free(slot);
+        return -1;
+    }
     #pragma omp parallel
     {
         float *acc = calloc((size_t)n, sizeof(float));  /* the row's sums so far */
@@ -262,44 +273,36 @@ static int64_t table_rows(const int64_t *idx, const float *omega, const uint8_t 
                     acc[j] += v;
                 }
             }
-            if (fill) {
-                const int64_t base = row_ptr[i];
-                for (int64_t u = 0; u < m; u++) {
-                    cols[base + u] = seen[u];
-                    vals[base + u] = acc[seen[u]];
-                }
-            } else {
-                row_ptr[i + 1] = m;
-                float row_sum = 0.f;
-                for (int64_t u = 0; u < m; u++)
-                    row_sum += acc[seen[u]];
-                row_sums[i] = row_sum;
-            }
-            for (int64_t u = 0; u < m; u++)
+            const int64_t base = slot[i];
+            float row_sum = 0.f;
+            for (int64_t u = 0; u < m; u++) {
+                const float v = acc[seen[u]];
+                cols[base + u] = seen[u];
+                vals[base + u] = v;
+                row_sum += v;
                 acc[seen[u]] = 0.f, marked[seen[u]] = 0;
+            }
+            row_ptr[i + 1] = m;  /* the row's length until the move below */
+            row_sums[i] = row_sum;
         }
         free(acc);
         free(marked);
         free(seen);
         free(activity);
     }
+    row_ptr[0] = 0;
+    for (int64_t i = 0; i < n; i++) {  /* down to CSR: a row's start never passes its slot's, so memmove in order */
+        const int64_t m = row_ptr[i + 1];
+        row_ptr[i + 1] = row_ptr[i] + m;
+        if (row_ptr[i] != slot[i]) {
+            memmove(cols + row_ptr[i], cols + slot[i], (size_t)m * sizeof(int32_t));
+            memmove(vals + row_ptr[i], vals + slot[i], (size_t)m * sizeof(float));
+        }
+    }
     free(start);
     free(at);
-    if (fill)
-        return row_ptr[n];
-    for (int64_t i = 0; i < n; i++)
-        row_ptr[i + 1] += row_ptr[i];
+    free(slot);
     return row_ptr[n];
-}
-
-int64_t pair_table_count(const int64_t *idx, const float *omega, const uint8_t *active, const float *inv_fires, int64_t B,
-                         int64_t k, int64_t n, int64_t *row_ptr, float *row_sums) {
-    return table_rows(idx, omega, active, inv_fires, B, k, n, row_ptr, NULL, NULL, row_sums);
-}
-
-int64_t pair_table_fill(const int64_t *idx, const float *omega, const uint8_t *active, const float *inv_fires, int64_t B,
-                        int64_t k, int64_t n, const int64_t *row_ptr, int32_t *cols, float *vals) {
-    return table_rows(idx, omega, active, inv_fires, B, k, n, (int64_t *)row_ptr, cols, vals, NULL);
 }
 
 /* The same penalty and gradient half for momentum's occurrence weights, by token: sum_b sum_{r != s} omega_brs |S_brs|,

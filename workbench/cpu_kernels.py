@@ -1,10 +1,9 @@
 """CPU kernels (cpu_kernels.c): fused bfloat16 kernels for the training harvest's HuggingFace Gemma-3 forward,
 each one pass: RMSNorm, GELU-tanh times the up projection, and the rotary embedding; and the competition
-trainers' penalty over their co-firing pairs (pair_table_count / pair_table_fill and pair_rows_abs_cosine over the
-table of pairs; token_pairs_abs_cosine token by token). Eager torch has no fused
-CPU kernels for the first three: it ran them as 5-8 elementwise passes each, ~60% of a harvest batch on a 2-core
-CPU (notes.txt, sessions 10-11); nor a product over a sparse pattern that is as fast as the penalty's dense Gram
-(session 12).
+trainers' penalty over their co-firing pairs (pair_table_rows and pair_rows_abs_cosine over the table of pairs;
+token_pairs_abs_cosine token by token). Eager torch has no fused CPU kernels for the first three: it ran them as
+5-8 elementwise passes each, ~60% of a harvest batch on a 2-core CPU (notes.txt, sessions 10-11); nor a
+product over a sparse pattern that is as fast as the penalty's dense Gram (session 12).
 
 The C source is compiled once per machine with the system C compiler ($CC, else cc) into the cache directory
 and loaded with ctypes; its OpenMP is the libgomp torch already loaded, so both share one thread pool.
@@ -72,9 +71,8 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     lib.rope_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7
     lib.pair_rows_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
     lib.pair_rows_abs_cosine_f32.restype = ctypes.c_double
-    lib.pair_table_count.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
-    lib.pair_table_fill.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
-    lib.pair_table_count.restype = lib.pair_table_fill.restype = ctypes.c_int64
+    lib.pair_table_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4
+    lib.pair_table_rows.restype = ctypes.c_int64
     lib.token_pairs_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
     lib.token_pairs_abs_cosine_f32.restype = ctypes.c_double
     return lib
@@ -143,39 +141,25 @@ def _inverse_fires(fires_F: torch.Tensor, n: int) -> torch.Tensor:
     return 1.0 / fires_F.float().clamp_min(1)  # a latent in a co-firing pair fired at least once
 
 
-def pair_table_count(lib: ctypes.CDLL, idx_Bk: torch.Tensor, weights: torch.Tensor, n: int,
-                     fires_F: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row_ptr (n + 1), row sums (n)) of the table K_ij = the sum of omega[b, r, s] over the occurrences with
-    idx[b, r] = i, idx[b, s] = j, as its nonzero entries by row (CSR), for int64 latent indices idx (B x k, values
-    < n, distinct within a token) and weights either float32 omega >= 0 (B x k x k, 0 where a pair is absent) or a
-    bool activity mask (B x k; omega 1 for each pair of active entries: K = the co-firing counts C_ij; with each
-    latent's firing count a_i (fires_F) omega 1 / min(a_i, a_j): K = the overlaps n_ij), all contiguous on a CPU;
-    row_ptr[-1] is the number of entries (both orders of each pair). pair_table_fill then gives the entries."""
-    B, k, omega_ptr, active_ptr, inv_fires = _table_weights(idx_Bk, weights, fires_F, n)
-    row_ptr, row_sums = torch.empty(n + 1, dtype=torch.int64), torch.empty(n, dtype=torch.float32)
-    lib.pair_table_count(idx_Bk.data_ptr(), omega_ptr, active_ptr, 0 if inv_fires is None else inv_fires.data_ptr(), B,
-                         k, n, row_ptr.data_ptr(), row_sums.data_ptr())
-    return row_ptr, row_sums
-
-
-def pair_table_fill(lib: ctypes.CDLL, idx_Bk: torch.Tensor, weights: torch.Tensor, row_ptr: torch.Tensor,
-                    fires_F: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cols, vals) of the table pair_table_count counted, with the same arguments (each row's columns in first-seen
-    order): work B k^2, memory the nonzeros, where the dense table costs n^2."""
-    n = row_ptr.numel() - 1
-    B, k, omega_ptr, active_ptr, inv_fires = _table_weights(idx_Bk, weights, fires_F, n)
-    nnz = int(row_ptr[-1])
-    cols, vals = torch.empty(nnz, dtype=torch.int32), torch.empty(nnz, dtype=torch.float32)
-    lib.pair_table_fill(idx_Bk.data_ptr(), omega_ptr, active_ptr, 0 if inv_fires is None else inv_fires.data_ptr(), B, k,
-                        n, row_ptr.data_ptr(), cols.data_ptr(), vals.data_ptr())
-    return cols, vals
-
-
 def pair_table_rows(lib: ctypes.CDLL, idx_Bk: torch.Tensor, weights: torch.Tensor, n: int,
                     fires_F: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_ptr, cols, vals, row sums): the table of pair_table_count and pair_table_fill."""
-    row_ptr, row_sums = pair_table_count(lib, idx_Bk, weights, n, fires_F)
-    return (row_ptr, *pair_table_fill(lib, idx_Bk, weights, row_ptr, fires_F), row_sums)
+    """(row_ptr (n + 1), cols, vals, row sums (n)): the table K_ij = the sum of omega[b, r, s] over the occurrences
+    with idx[b, r] = i, idx[b, s] = j, as its nonzero entries by row (CSR; each row's columns in first-seen order), for
+    int64 latent indices idx (B x k, values < n, distinct within a token) and weights either float32 omega >= 0
+    (B x k x k, 0 where a pair is absent) or a bool activity mask (B x k; omega 1 for each pair of active entries:
+    K = the co-firing counts C_ij; with each latent's firing count a_i (fires_F) omega 1 / min(a_i, a_j): K = the
+    overlaps n_ij), all contiguous on a CPU; row_ptr[-1] is the number of entries (both orders of each pair). One pass
+    over the occurrences: work B k^2, memory the rows' bounds min(n - 1, occurrences (k - 1)), where the dense table
+    costs n^2."""
+    B, k, omega_ptr, active_ptr, inv_fires = _table_weights(idx_Bk, weights, fires_F, n)
+    occurrences_F = torch.bincount(idx_Bk.flatten(), minlength=n)
+    capacity = int((occurrences_F * (k - 1)).clamp_max_(n - 1).sum())  # the C side's slots, summed
+    row_ptr, row_sums = torch.empty(n + 1, dtype=torch.int64), torch.empty(n, dtype=torch.float32)
+    cols, vals = torch.empty(capacity, dtype=torch.int32), torch.empty(capacity, dtype=torch.float32)
+    nnz = lib.pair_table_rows(idx_Bk.data_ptr(), omega_ptr, active_ptr, 0 if inv_fires is None else inv_fires.data_ptr(),
+                              B, k, n, capacity, row_ptr.data_ptr(), cols.data_ptr(), vals.data_ptr(), row_sums.data_ptr())
+    assert nnz >= 0, "pair_table_rows: the rows' slots exceed the capacity"
+    return row_ptr, cols[:nnz], vals[:nnz], row_sums
 
 
 def token_pairs_abs_cosine(lib: ctypes.CDLL, idx_Bk: torch.Tensor, active_Bk: torch.Tensor, fires_F: torch.Tensor,
