@@ -90,10 +90,10 @@ class MomentumTrainer(CompetitionTrainer):
             n_pairs = int(table.row_ptr[-1]) // 2  # both orders of each pair
         else:
             n_pairs = tokens.n_pairs if tokens is not None else pairs.n_pairs  # the tokens' only when logged (a dedup)
-        m = self.momentum_F
+        m = self.momentum_F.clone()  # the rest read on logged steps only (a callable stat)
         stats = {"cofiring_pairs": n_pairs, "frac_w2": (w_F > 1).float().mean().item(),
-                 "momentum_mean": m.mean().item(), "momentum_p99": m.quantile(0.99).item(),
-                 "momentum_max": m.max().item()}
+                 "momentum_mean": lambda: m.mean().item(), "momentum_p99": lambda: m.quantile(0.99).item(),
+                 "momentum_max": lambda: m.max().item()}
         return value, stats
 
     def extra_state(self) -> dict:

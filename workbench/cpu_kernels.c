@@ -236,8 +236,7 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
     }
     #pragma omp parallel
     {
-        float *acc = calloc((size_t)n, sizeof(float));  /* the row's sums so far */
-        uint8_t *marked = calloc((size_t)n, 1);         /* its partners listed in seen (each once: m <= n) */
+        float *acc = calloc((size_t)n, sizeof(float));  /* the row's sums so far; its partners listed in seen */
         int32_t *seen = malloc(((size_t)n + 1) * sizeof(int32_t));  /* + 1: written before m is known to grow */
         float *activity = malloc((size_t)k * sizeof(float));         /* an occurrence's weights from active */
         #pragma omp for schedule(dynamic, 16)
@@ -266,11 +265,10 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
                 for (int64_t s = 0; s < k; s++) {  /* branch free: whether j is new is a coin flip */
                     const float v = weights[s];
                     const int64_t j = partners[s];
-                    const uint8_t is_new = (v != 0.f) & !marked[j];
+                    const float before = acc[j];   /* 0 until j is seen with a weight > 0 (weights are >= 0) */
                     seen[m] = (int32_t)j;
-                    m += is_new;
-                    marked[j] |= is_new;
-                    acc[j] += v;
+                    m += (v != 0.f) & (before == 0.f);
+                    acc[j] = before + v;
                 }
             }
             const int64_t base = slot[i];
@@ -280,13 +278,12 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
                 cols[base + u] = seen[u];
                 vals[base + u] = v;
                 row_sum += v;
-                acc[seen[u]] = 0.f, marked[seen[u]] = 0;
+                acc[seen[u]] = 0.f;
             }
             row_ptr[i + 1] = m;  /* the row's length until the move below */
             row_sums[i] = row_sum;
         }
         free(acc);
-        free(marked);
         free(seen);
         free(activity);
     }
