@@ -84,9 +84,9 @@ class ProgressiveTrainer(CompetitionTrainer):
             pairs = cofiring_pairs(active())
             c_P = ((pairs.overlap - thr) / thr).clamp(0, 1)
             value = lam * competition_penalty(self.sae.W_dec, pairs, c_P, n)
-            active = c_P > 0
-            n_pairs, n_pos = pairs.n_pairs, int(active.sum())
-            mean_c = c_P[active].mean().item() if active.any() else 0.0
+            positive = c_P > 0
+            n_pairs, n_pos = pairs.n_pairs, int(positive.sum())
+            mean_c = c_P[positive].mean().item() if positive.any() else 0.0
         stats = {"lambda2": lam, "threshold": thr, "cofiring_pairs": n_pairs, "pairs_c_pos": n_pos, "mean_c": mean_c}
         return value, stats
 
