@@ -214,11 +214,13 @@ def test_pair_table_rows_equal_the_scattered_table(lib, B, k, n):
     torch.testing.assert_close(sums, overlap.sum(1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("B, k, n, d", [(64, 32, 300, 640), (40, 7, 50, 19), (3, 1, 5, 8), (17, 9, 2000, 36)])
+@pytest.mark.parametrize("B, k, n, d", [(64, 32, 300, 640), (40, 7, 50, 19), (3, 1, 5, 8), (17, 9, 2000, 36),
+                                        (16, 64, 500, 300)])
 def test_token_kernel_equals_the_table_formula(lib, B, k, n, d):
     """sum_b sum_{r != s} omega_brs |w_i . w_j| and KS W with K the occurrences' table, token by token, for momentum's
     omega_brs = (w_i + w_j) / min(a_i, a_j) on pairs of active entries: against float64 on the scattered table, with
-    k and d that are and are not multiples of the register tiles (4 rows, 8 and 16 columns), inactive entries, a
+    k and d that are and are not multiples of the register tiles (4 rows, 8 and 16 columns) and of the gradient's
+    column chunks (k 32: 256 columns, 640 = 2.5 chunks; k 64: 128 columns, 300 with a tail), inactive entries, a
     single latent per token, pairs that recur over tokens (n 50) and latents that never fire (n 2000). The value has
     the same bits at one thread as at two; the gradient the same bits again at a given thread count and the same
     value within float32 rounding at another."""
