@@ -4,8 +4,11 @@
 
 topk_auxk is topk with AuxK at work: 3% of its latents held dead (real runs get there once latents die).
 Sizes: the quickstart's SAE (640 x 2048, B 1024, k 32) and Gemma-2-2B's (2304 x 16384; see SIZES).
-Activations are synthetic but structured (sparse codes over a random dictionary plus noise), so the
-co-firing pattern, and with it the competition cost, resembles real SAE training.
+Activations are synthetic but structured (sparse codes over a random dictionary plus noise). Their co-firing
+pattern is not a trained SAE's on real text: the SAE here is at initialization, and its distinct co-firing pairs
+are 0.87 of the B k (k - 1) / 2 occurrences at the quickstart's size, where the trained quickstart momentum SAE on
+the quickstart's activations has 0.31 (its pairs recur over tokens; notes.txt, session 14). The competition
+trainers' lines print this share; their cost depends on it (trainers/competition.py picks its path by it).
 """
 from __future__ import annotations
 
@@ -150,8 +153,9 @@ def main(argv=None) -> int:
                 line += f"  {B / auto_s:8.0f} tok/s  {auto_s / topk_s:5.2f}x topk"
                 if name == "topk":  # the step's useful work: encoder forward + dense-equivalent decoder and backward
                     line += f"  ({6 * B * d * n / auto_s / 1e9:.0f} GFLOP/s dense-equivalent, {6 * B * d * n / auto_s / 1e9 / roof:.0%} of roof)"
-                if "cofiring_pairs" in stats[0]:
-                    line += f"  co-firing pairs {stats[0]['cofiring_pairs']:,}"
+                if "cofiring_pairs" in stats[0]:  # share: of the occurrences (token, r < s), if every entry fired
+                    share = stats[0]["cofiring_pairs"] / (B * k * (k - 1) / 2)
+                    line += f"  co-firing pairs {stats[0]['cofiring_pairs']:,} ({share:.2f} of the occurrences)"
                 print(line, flush=True)
     return 0
 
