@@ -1,5 +1,6 @@
 """The sparse TopK step (embedding-bag decoder, encoder backward on the selected latents) against the dense
-step: the same loss, gradients and, after several optimizer steps, weights, for every TopK-family trainer."""
+step: the same loss, gradients and, after several optimizer steps, weights, for every TopK-family trainer and
+JumpReLU (whose codes include the STE window below its thresholds)."""
 import pytest
 import torch
 
@@ -15,11 +16,14 @@ SETTINGS = {
     "c2r": {"name": "c2r", "base": "topk", "lam": 1.0},
     "c2r_batchtopk": {"name": "c2r", "base": "batchtopk", "lam": 1.0},
     "ortsae": {"name": "ortsae", "gamma": 1.0},
+    # a wide STE window (pre ~ N(0, 1)): ~60 entries of the batch fall in it below theta, ~60 above
+    "jumprelu": {"name": "jumprelu", "init_l0": 8.0, "bandwidth": 0.5, "l0_coeff": 0.3},
 }
+NO_K = {"jumprelu"}
 
 
 def pair(name, compute_dtype="float32", d=16, n=64, B=64, k_aux=6):
-    cfg = tiny_run_config(k=4, k_aux=k_aux, warmup_steps=0, **SETTINGS[name])
+    cfg = tiny_run_config(warmup_steps=0, **({} if name in NO_K else {"k": 4, "k_aux": k_aux}), **SETTINGS[name])
     acts = torch.randn(4 * B, d, generator=torch.Generator().manual_seed(1))
     made = [make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=50, total_tokens=50 * B, init_acts_BD=acts,
                          seed=0, compute_dtype=compute_dtype, sparse_step=mode) for mode in ("off", "on")]
@@ -45,10 +49,12 @@ def test_sparse_step_equals_dense(name, k_aux):
     out_d, g_d = grads(dense, batches[0])
     out_s, g_s = grads(sparse, batches[0])
     torch.testing.assert_close(out_s.loss, out_d.loss, rtol=1e-5, atol=1e-6)
-    assert out_d.parts["auxk"] > 0  # the dead latents' path is exercised
+    assert name in NO_K or out_d.parts["auxk"] > 0  # the dead latents' path is exercised
     for key in out_d.parts:
         torch.testing.assert_close(out_s.parts[key], out_d.parts[key], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_s.latents_BF, out_d.latents_BF)
+    if name == "jumprelu":  # the entries below theta in the STE window (f = 0) are part of the sparse step's codes
+        assert (out_s.latents.vals_E == 0).sum() > 20 and (out_s.latents.vals_E > 0).sum() > 20
     for gs, gd in zip(g_s, g_d):
         torch.testing.assert_close(gs, gd, rtol=1e-4, atol=1e-6)
     for step in range(6):  # whole steps: optimizer, decoder constraint, dead counts, threshold EMA
@@ -60,7 +66,7 @@ def test_sparse_step_equals_dense(name, k_aux):
 
 
 @pytest.mark.parametrize("k_aux", [6, 16])
-@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "jumprelu"])
 def test_sparse_step_in_bfloat16_is_as_close_to_float32_as_the_dense_step(name, k_aux):
     """Under bf16 autocast both steps round; the sparse one (float32 accumulation in its bags and
     index_adds) may not stray further from the float32 gradients than the dense one does."""

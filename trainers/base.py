@@ -53,7 +53,7 @@ class Trainer:
     name: ClassVar[str]
     Config: ClassVar[type[TrainerConfig]]
     architecture: ClassVar[str]  # SAELens architecture of the SAE this trainer produces
-    sparse_codes: ClassVar[bool] = False  # its codes are a selection of entries (TopK family): sparse step possible
+    sparse_codes: ClassVar[bool] = False  # its codes are a selection of entries (TopK family, JumpReLU): sparse step possible
 
     def __init__(self, cfg: TrainerConfig, d_in: int, d_sae: int, total_steps: int, total_tokens: int,
                  init_acts_BD: torch.Tensor, seed: int, device: str | torch.device = "cpu",
@@ -67,7 +67,7 @@ class Trainer:
         # bfloat16: the forward (and so its backward) runs under autocast; weights, Adam state, the loss
         # sums and the decoder constraint stay float32
         self.autocast = compute_dtype == "bfloat16"
-        # TopK-family trainers (those that set sparse_codes) may take the sparse step (workbench/sae_ops.py)
+        # trainers whose codes are a selection (those that set sparse_codes) may take the sparse step (workbench/sae_ops.py)
         self.sparse_step = self.sparse_codes and sparse_step_wanted(sparse_step, d_sae, compute_dtype)
         self.device_type = torch.device(device).type
         from workbench.sae import make_sae  # sae_lens: imported when a trainer is made, not with the CLI

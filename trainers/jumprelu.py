@@ -13,6 +13,11 @@ d = 640), and the default 0.05 is SAELens's. theta starts data-driven (init_thre
 (1 - init_l0 / n) quantile of its pre-activations on the run's first activations, so a short run starts
 near the target L0 instead of having to climb there at Adam's ~lr per step in log theta.
 Saved as a SAELens `jumprelu` SAE (threshold = theta).
+
+Sparse step (sae.sparse_step, as the TopK family's): the codes are the entries with pre > theta - eps/2, the
+active ones and those inside the kernel's window below theta (f = 0 there, but dL/df reaches theta through the
+STE), so the decoder is an embedding bag and the encoder's backward touches those entries only; the same loss
+and gradients as the dense step (tests/test_sparse_step.py).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch
 
 from trainers.base import StepOutput, Trainer, TrainerConfig, reconstruction_loss, register
 from workbench.config import configclass, param
+from workbench.sae_ops import Codes, Encoding
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -28,7 +34,8 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
 
 
 class JumpReLUFn(torch.autograd.Function):
-    """pre * H(pre - theta) with the straight-through threshold gradient above."""
+    """pre * H(pre - theta) with the straight-through threshold gradient above. theta is theta_F (broadcast over the
+    batch: its gradient sums over it) or one value per entry (the sparse step's theta[idx_E])."""
 
     @staticmethod
     def forward(ctx, pre_BF, theta_F, eps):
@@ -42,7 +49,7 @@ class JumpReLUFn(torch.autograd.Function):
         g = grad_BF.float()
         d_pre = (grad_BF * (pre_BF > theta_F)).to(pre_BF.dtype)
         kernel = rectangle((pre_BF.float() - theta_F) / ctx.eps)
-        d_theta = -(theta_F / ctx.eps) * (kernel * g).sum(0)
+        d_theta = -(theta_F / ctx.eps) * (kernel * g).sum_to_size(theta_F.shape)
         return d_pre, d_theta.to(theta_F.dtype), None
 
 
@@ -59,8 +66,19 @@ class StepFn(torch.autograd.Function):
     def backward(ctx, grad_BF):
         pre_BF, theta_F = ctx.saved_tensors
         kernel = rectangle((pre_BF.float() - theta_F) / ctx.eps)
-        d_theta = -(1.0 / ctx.eps) * (kernel * grad_BF.float()).sum(0)
+        d_theta = -(1.0 / ctx.eps) * (kernel * grad_BF.float()).sum_to_size(theta_F.shape)
         return None, d_theta.to(theta_F.dtype), None
+
+
+def window_codes(enc: Encoding, theta_F: torch.Tensor, eps: float) -> tuple[Codes, torch.Tensor]:
+    """The sparse step's codes and L0 term: JumpReLUFn and StepFn at the entries with pre > theta - eps/2 only (the
+    active ones, and the window below theta where the STE kernel is nonzero): elsewhere f = 0 and the kernel is 0,
+    so every other entry sends no gradient in the dense step either. The window's test is the kernel's own."""
+    pre_BF, theta = enc.pre_BF, theta_F.detach()
+    rows_E, idx_E = ((pre_BF > theta) | (rectangle((pre_BF.float() - theta) / eps) > 0)).nonzero(as_tuple=True)
+    pre_E, theta_E = enc.selected_pre(rows_E, idx_E), theta_F[idx_E]
+    l_l0 = StepFn.apply(pre_E.detach(), theta_E, eps).sum() / pre_BF.shape[0]
+    return Codes(rows_E, idx_E, JumpReLUFn.apply(pre_E, theta_E, eps), tuple(pre_BF.shape), True), l_l0
 
 
 @configclass
@@ -80,6 +98,7 @@ class JumpReLUTrainer(Trainer):
     name = "jumprelu"
     Config = JumpReLUConfig
     architecture = "jumprelu"
+    sparse_codes = True  # the active entries (and the STE window's) are a selection: the sparse step applies
 
     def extra_parameters(self, init_acts_BD: torch.Tensor) -> list[torch.nn.Parameter]:
         cfg = self.cfg
@@ -101,13 +120,17 @@ class JumpReLUTrainer(Trainer):
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
         eps = self.cfg.bandwidth
         theta_F = self.log_threshold_F.exp()
-        pre_BF = self.encode(acts_BD).pre_BF
-        latents_BF = JumpReLUFn.apply(pre_BF, theta_F, eps)
-        recon_BD = self.sae.decode(latents_BF)
+        enc = self.encode(acts_BD)
+        if enc.sparse:
+            latents, l_l0 = window_codes(enc, theta_F, eps)
+            recon_BD = self.decode(latents)
+        else:
+            latents = JumpReLUFn.apply(enc.pre_BF, theta_F, eps)
+            recon_BD = self.sae.decode(latents)
+            l_l0 = StepFn.apply(enc.pre_BF, theta_F, eps).sum(dim=-1).mean()
         l_recon = reconstruction_loss(acts_BD, recon_BD)
-        l_l0 = StepFn.apply(pre_BF, theta_F, eps).sum(dim=-1).mean()
         loss = l_recon + self.l0_coeff_at(progress) * l_l0
-        return StepOutput(loss, {"recon": l_recon, "l0_penalty": l_l0}, acts_BD, recon_BD, latents_BF,
+        return StepOutput(loss, {"recon": l_recon, "l0_penalty": l_l0}, acts_BD, recon_BD, latents,
                           {"threshold_mean": theta_F.mean().item()})
 
     @torch.no_grad()

@@ -114,7 +114,7 @@ class SAEConfig:
         "float32", "SAE training matmuls: float32, bfloat16 (autocast; weights and Adam stay float32), or auto "
                    "(bfloat16 where the device multiplies bf16 natively, as model.dtype)")
     sparse_step: Literal["auto", "on", "off"] = param(
-        "auto", "TopK-family trainers: the step that touches only the selected latents outside the encoder forward "
+        "auto", "TopK-family and JumpReLU trainers: the step that touches only the selected latents outside the encoder forward "
                 "(embedding-bag decoder, sparse encoder backward; same loss and gradients as the dense one) | off "
                 "(dense) | auto (sparse except bfloat16 below 8192 latents, where the dense step measured faster)")
 

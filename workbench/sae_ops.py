@@ -66,6 +66,7 @@ def kth_largest(x_BF: torch.Tensor, k_total: int) -> torch.Tensor:
 # whole (B, F) code matrix three times: decoder forward, decoder backward, encoder backward. The sparse
 # step keeps only the encoder forward dense and touches the selected latents elsewhere: the decoder is
 # an embedding bag over the B*k entries, and the encoder's backward adds into the selected columns.
+# JumpReLU's codes are a selection too (trainers/jumprelu.py: the active entries and its STE window).
 # Same loss and gradients (tests/test_sparse_step.py); which is faster depends on size and dtype
 # (bench/bench_trainers.py), so `sae.sparse_step = auto` picks by the measured rule in sparse_step_wanted.
 
@@ -232,14 +233,16 @@ class Encoding:
     b_enc_F: torch.Tensor
     sparse: bool
 
+    def selected_pre(self, rows_E: torch.Tensor, idx_E: torch.Tensor) -> torch.Tensor:
+        """pre at the given entries (sorted by row), differentiable in both steps."""
+        if self.sparse:
+            return _SelectedPreActs.apply(self.pre_BF[rows_E, idx_E], self.sae_in_BD, self.W_enc_DF, self.b_enc_F,
+                                          rows_E, idx_E)
+        return self.pre_BF[rows_E, idx_E]
+
     def codes(self, rows_E: torch.Tensor, idx_E: torch.Tensor) -> Codes:
         """f = ReLU(pre) kept at the given entries (sorted by row), zero elsewhere."""
-        if self.sparse:
-            pre_E = _SelectedPreActs.apply(self.pre_BF[rows_E, idx_E], self.sae_in_BD, self.W_enc_DF,
-                                           self.b_enc_F, rows_E, idx_E)
-        else:
-            pre_E = self.pre_BF[rows_E, idx_E]
-        return Codes(rows_E, idx_E, pre_E.relu(), tuple(self.pre_BF.shape), self.sparse)
+        return Codes(rows_E, idx_E, self.selected_pre(rows_E, idx_E).relu(), tuple(self.pre_BF.shape), self.sparse)
 
     def column_pre_acts(self, cols_C: torch.Tensor) -> torch.Tensor:
         """pre[:, cols] as a dense (B, C) block, differentiable in both steps (AuxK's dead latents)."""
