@@ -72,6 +72,34 @@ def test_max_cosine_search_matches_the_double_loop(rows):
     assert (a >= max_cosine(W.detach())[0] - 1e-7).all()
 
 
+@pytest.mark.parametrize("absolute", [False, True])
+def test_max_cosine_over_symmetric_blocks_equals_the_full_gram(absolute):
+    """Blocks of 256 (700 members: 256, 256, 188), each pair of blocks
+    multiplied once and read along rows and columns: the same maxima and argmaxes as the full Gram's rows, for all
+    latents and for a shuffled subset (positions map back to latents); a duplicated row (255, 256: two blocks) ties two
+    partners of other latents, and the earlier one in the members' order wins, as a row's max over the full Gram
+    gives it."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(900, 16, generator=g)
+    W[256] = W[255]  # a tie across the first blocks' boundary, for a latent of the first block and of the third
+    W[12] = W[255] + 0.01 * torch.randn(16, generator=g)
+    W[600] = W[255] + 0.01 * torch.randn(16, generator=g)
+    for members in (None, torch.randperm(900, generator=g)[:700]):
+        idx = torch.arange(900) if members is None else members
+        unit = torch.nn.functional.normalize(W[idx], dim=1)
+        cos = unit @ unit.T
+        if absolute:
+            cos = cos.abs()
+        cos.fill_diagonal_(float("-inf"))
+        ref = cos.max(dim=1)
+        values, where = max_cosine(W, members, absolute=absolute, block=256)
+        torch.testing.assert_close(values, ref.values, rtol=0, atol=1e-6)
+        assert torch.equal(where, idx[ref.indices])
+    where = max_cosine(W, absolute=absolute, block=256)[1]
+    assert where[12] == 255 and where[600] == 255  # the tie between 255 and 256: the first
+    assert torch.equal(max_cosine(W, absolute=absolute)[1], where)  # the default blocks: 512, 388
+
+
 def test_one_chunk_penalties_and_gradients_equal_the_double_loop_over_all_pairs():
     W, f = problem()
     chunks = chunks_of(12, 8192, torch.Generator().manual_seed(0), "cpu")
@@ -89,6 +117,17 @@ def test_one_chunk_penalties_and_gradients_equal_the_double_loop_over_all_pairs(
     torch.testing.assert_close(gf, rf, rtol=1e-4, atol=1e-6)
     assert torch.isfinite(gf).all() and gf[:, 5].abs().sum() == 0  # the silent latent: no NaN, no push
     assert ours_o.item() > 0.05 and ours_c.item() > 0.05  # the near-duplicate pair is what they penalize
+    # the sparse step's codes (f's nonzero entries, and a stored zero) give the same value and gradients
+    from workbench.sae_ops import Codes
+    keep = f.detach() > 0
+    keep[0, 5] = True  # an entry of the silent latent, stored as 0
+    rows, idx = keep.nonzero(as_tuple=True)
+    vals = f.detach()[rows, idx].clone().requires_grad_(True)
+    ours_s = c2r_loss(chunk_max_cosines(W, chunks), Codes(rows, idx, vals, tuple(f.shape), True))
+    torch.testing.assert_close(ours_s, ref_c, rtol=1e-5, atol=1e-7)
+    gw_s, gv_s = grads(ours_s, W, vals)
+    torch.testing.assert_close(gw_s, rw, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gv_s, rf[rows, idx], rtol=1e-4, atol=1e-6)
 
 
 def test_several_chunks_follow_the_seeded_permutation():

@@ -24,6 +24,7 @@ from trainers.relu import ReLUConfig, ReLUTrainer
 from trainers.topk import TopKTrainer
 from workbench import distributed
 from workbench.config import configclass, param
+from workbench.sae_ops import Codes
 
 BASES = {"topk": TopKTrainer, "batchtopk": BatchTopKTrainer, "relu": ReLUTrainer}
 
@@ -36,16 +37,20 @@ class C2RConfig(BatchTopKConfig, ReLUConfig, MaxCosineFields):
                              "-0.0065 EV; 100 killed 55% of latents). The paper used 5 on Gemma-2-2B, on its own scale", ge=0)
 
 
-def c2r_loss(chunks: list[ChunkMax], latents_BF: torch.Tensor) -> torch.Tensor:
-    """L_c2r = (1/n) sum_i (a_i + a_j*(i)) (mu+_i)^2 with a = per-latent L2 norm over the batch. Under
-    torchrun a is over the global batch (a differentiable all-reduce of the squares; the penalty is then
-    the same on every rank, and averaging the ranks' gradients gives the single-process one)."""
-    if distributed.ctx().data_parallel:
-        sq_F = distributed.all_sum_differentiable(latents_BF.float().pow(2).sum(0))
-        a_F = torch.where(sq_F > 0, sq_F.clamp_min(1e-30).sqrt(), 0.0)  # sqrt's gradient at 0 would be inf
+def c2r_loss(chunks: list[ChunkMax], latents: torch.Tensor | Codes) -> torch.Tensor:
+    """L_c2r = (1/n) sum_i (a_i + a_j*(i)) (mu+_i)^2 with a = per-latent L2 norm over the batch, from the (B, n)
+    latents or the sparse step's codes (their entries' squares: no B x n matrix). Under torchrun a is over the
+    global batch (a differentiable all-reduce of the squares; the penalty is then the same on every rank, and
+    averaging the ranks' gradients gives the single-process one)."""
+    if isinstance(latents, Codes):
+        n = latents.shape[1]
+        sq_F = latents.vals_E.new_zeros(n, dtype=torch.float32).index_add(0, latents.idx_E, latents.vals_E.float().pow(2))
     else:
-        a_F = latents_BF.float().norm(dim=0)
-    n = latents_BF.shape[1]
+        n = latents.shape[1]
+        sq_F = latents.float().pow(2).sum(0)
+    if distributed.ctx().data_parallel:
+        sq_F = distributed.all_sum_differentiable(sq_F)
+    a_F = torch.where(sq_F > 0, sq_F.clamp_min(1e-30).sqrt(), 0.0)  # sqrt's gradient at 0 would be inf
     return sum(((a_F[c.members_K] + a_F[c.argmax_K]) * c.mu_K.clamp_min(0).pow(2)).sum() for c in chunks) / n
 
 
@@ -53,8 +58,8 @@ class C2RPenalty(MaxCosinePenalty):
     def coefficient(self) -> float:
         return self.cfg.lam
 
-    def penalty(self, chunks: list[ChunkMax], latents_BF: torch.Tensor) -> torch.Tensor:
-        return c2r_loss(chunks, latents_BF)
+    def penalty(self, chunks: list[ChunkMax], latents: torch.Tensor | Codes) -> torch.Tensor:
+        return c2r_loss(chunks, latents)
 
 
 @register

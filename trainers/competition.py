@@ -396,7 +396,7 @@ def competition_penalty(W_dec: torch.Tensor, pairs: CoFiring, coef_P: torch.Tens
 
 
 @torch.no_grad()
-def max_abs_cosine_F(W_dec: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def max_abs_cosine_F(W_dec: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """max_{j != i} |d_i . d_j| per latent over all pairs (progressive's separation snapshots). The signed
     max within chunks that ortsae and c2r penalize is the same search (workbench.sae.max_cosine)."""
     return max_cosine(W_dec, absolute=True, block=chunk)[0]

@@ -63,7 +63,7 @@ def chunk_max_cosines(W_dec_FD: torch.Tensor, chunks: list[torch.Tensor], search
 
 class MaxCosinePenalty:
     """Mixin placed before a base trainer in the MRO: L = L_base + coefficient * interval * penalty.
-    A subclass defines coefficient() and penalty(chunks, latents_BF)."""
+    A subclass defines coefficient() and penalty(chunks, latents): the step's (B, n) latents or its sparse codes."""
 
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
@@ -73,7 +73,7 @@ class MaxCosinePenalty:
     def coefficient(self) -> float:
         raise NotImplementedError
 
-    def penalty(self, chunks: list[ChunkMax], latents_BF: torch.Tensor) -> torch.Tensor:
+    def penalty(self, chunks: list[ChunkMax], latents) -> torch.Tensor:
         raise NotImplementedError
 
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
@@ -82,7 +82,7 @@ class MaxCosinePenalty:
             return out
         chunks = chunk_max_cosines(self.sae.W_dec, chunks_of(self.sae.d_sae, self.cfg.chunk_size, self.generator,
                                                              self.sae.W_dec.device), self.search_dtype)
-        value = self.coefficient() * self.cfg.interval * self.penalty(chunks, out.latents_BF)
+        value = self.coefficient() * self.cfg.interval * self.penalty(chunks, out.latents)
         base = out.loss
         out.loss = base + value
         out.parts[self.name] = value.detach()

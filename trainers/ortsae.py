@@ -39,5 +39,5 @@ class OrtSAETrainer(MaxCosinePenalty, BatchTopKTrainer):
     def coefficient(self) -> float:
         return self.cfg.gamma
 
-    def penalty(self, chunks: list[ChunkMax], latents_BF: torch.Tensor) -> torch.Tensor:
+    def penalty(self, chunks: list[ChunkMax], latents) -> torch.Tensor:
         return ortho_loss(chunks)

@@ -292,21 +292,35 @@ def default_lr(d_sae: int) -> float:
 
 @torch.no_grad()
 def max_cosine(W_dec_FD: torch.Tensor, members: torch.Tensor | None = None, absolute: bool = False,
-               block: int = 2048, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               block: int | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each latent i in `members` (default: all): (max over j in members, j != i, of d_i . d_j, that j),
-    cosines of the unit decoder rows; |d_i . d_j| with absolute=True. Row blocks of `block` keep memory at
-    block x |members|: no n x n tensor. dtype: the matmul's (e.g. bfloat16 for a fast argmax search)."""
+    cosines of the unit decoder rows; |d_i . d_j| with absolute=True; among equal maxima the first j in
+    `members`' order. The members go in blocks of `block` (default: a sixteenth of them, 512 to 2048), and each
+    pair of blocks is multiplied once, its maxima taken along its rows and its columns (the Gram is symmetric):
+    (b + 1) / 2b of the full product for b blocks, and memory block^2, nothing |members|^2. dtype: the matmul's
+    (e.g. bfloat16 for a fast argmax search)."""
     unit_FD = W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
     idx_K = torch.arange(unit_FD.shape[0], device=unit_FD.device) if members is None else members
     unit_KD = unit_FD[idx_K].to(dtype or unit_FD.dtype)
-    values_K = torch.empty(len(idx_K), dtype=torch.float32, device=unit_FD.device)
-    where_K = torch.empty(len(idx_K), dtype=torch.long, device=unit_FD.device)
-    for s in range(0, len(idx_K), block):
-        cos_RK = unit_KD[s:s + block] @ unit_KD.T
-        if absolute:
-            cos_RK.abs_()
-        rows = torch.arange(cos_RK.shape[0], device=cos_RK.device)
-        cos_RK[rows, rows + s] = float("-inf")  # j != i
-        top = cos_RK.max(dim=1)
-        values_K[s:s + block], where_K[s:s + block] = top.values.float(), idx_K[top.indices]
-    return values_K, where_K
+    K = len(idx_K)
+    block = block or min(2048, max(512, -(-K // 16)))  # 2048 x 640: 512 -> 39 ms (one block: 53); 8192 x 2304: 1.6 s (3.2)
+    values_K = torch.full((K,), float("-inf"), dtype=torch.float32, device=unit_FD.device)
+    where_K = torch.zeros(K, dtype=torch.long, device=unit_FD.device)  # positions in members, then latents
+
+    def offer(lo: int, top, offset: int) -> None:  # candidates for members lo.., at positions offset + top.indices
+        at = slice(lo, lo + len(top.values))
+        better = top.values.float() > values_K[at]  # strictly: an earlier j keeps a tie (j ascend over the blocks)
+        values_K[at] = torch.where(better, top.values.float(), values_K[at])
+        where_K[at] = torch.where(better, top.indices + offset, where_K[at])
+
+    for s in range(0, K, block):
+        for t in range(s, K, block):
+            cos_ST = unit_KD[s:s + block] @ unit_KD[t:t + block].T
+            if absolute:
+                cos_ST.abs_()
+            if s == t:
+                cos_ST.fill_diagonal_(float("-inf"))  # j != i
+            else:  # the columns' maxima: rows t.. against s.., whose j come before the ones offered below
+                offer(t, cos_ST.max(dim=0), s)
+            offer(s, cos_ST.max(dim=1), t)
+    return values_K, idx_K[where_K]
