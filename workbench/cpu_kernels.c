@@ -386,7 +386,7 @@ static inline void gradient_tile(const float *const *a, const float *const *rows
 #define GRADIENT_COPIES_MAX_FLOATS ((int64_t)1 << 28)  /* 1 GB of float32 gradient copies */
 /* The gradient tiles go over the token's rows in column chunks of at most this many bytes (all k rows), so every tile
    after the first reads the chunk from L1: the k x d rows are re-read once per tile, from L2 or L3 where d k is large
-   (Gemma-2's 2304 x 64 rows, 590 KB: 0.66 -> 0.49 s a step; bench/bench_trainers.py). The dots gained nothing from
+   (Gemma-2's 2304 x 64 rows, 590 KB: 0.58 -> 0.46 s a call, notes.txt session 16). The dots gained nothing from
    chunks (their eight chains would be summed per chunk). */
 #define GRADIENT_CHUNK_BYTES 32768
 
