@@ -3,6 +3,9 @@
     python bench/bench_trainers.py [--steps 5] [--sizes quickstart gemma2] [--dtype auto|bfloat16|float32]
 
 topk_auxk is topk with AuxK at work: 3% of its latents held dead (real runs get there once latents die).
+relu's L0 is set by its L1 penalty, not a k: its encoder bias is set so that each latent fires on RELU_L0_PER_K * k / n
+of the batch, as trained (quickstart_relu: L0 ~75 at k 32's budget); at init half the entries fire, which the sparse
+step hands to the dense products (trainers/relu.py).
 Sizes: the quickstart's SAE (640 x 2048, B 1024, k 32) and Gemma-2-2B's (2304 x 16384; see SIZES).
 Activations are synthetic but structured (sparse codes over a random dictionary plus noise). Their co-firing
 pattern is not a trained SAE's on real text: the SAE here is at initialization, and its distinct co-firing pairs
@@ -34,6 +37,7 @@ TRAINER_SETTINGS = {
     "batchtopk": {"name": "batchtopk"},
     "matryoshka": {"name": "matryoshka"},
     "jumprelu": {"name": "jumprelu"},
+    "relu": {"name": "relu"},
     "ortsae": {"name": "ortsae", "gamma": 64.0},
     "ortsae_bf16search": {"name": "ortsae", "gamma": 64.0, "search_dtype": "bfloat16"},  # the argmax search's dtype
     "c2r": {"name": "c2r", "base": "topk", "lam": 1.0},
@@ -43,7 +47,15 @@ TRAINER_SETTINGS = {
 # latents start to die (AuxK's dead-latent block or bag is then part of every step)
 AUXK_DEAD_FRAC = 0.03
 TRAINER_SETTINGS["topk_auxk"] = {"name": "topk"}
-NO_K = {"jumprelu"}  # sparsity set by its L0 penalty (init_l0 = k), not a k key
+RELU_L0_PER_K = 2.0
+
+
+def sparsity_keys(name: str, k: int) -> dict:
+    if name == "jumprelu":
+        return {"init_l0": float(k)}  # sparsity set by its L0 penalty, started at L0 k
+    if name == "relu":
+        return {}  # set by its L1 penalty; make() sets the encoder bias for L0 = RELU_L0_PER_K * k
+    return {"k": k}
 # (d, n, B, k) per device: the quickstart's SAE, and Gemma-2-2B's (2304 x 16384; B 4096 and k 64 / 320 on a
 # GPU, B 1024 and k 64 on a CPU, where a B-4096 dense step takes seconds)
 SIZES = {"quickstart": {"cpu": [(640, 2048, 1024, 32)], "cuda": [(640, 2048, 1024, 32)]},
@@ -66,11 +78,16 @@ def make(name: str, d: int, n: int, B: int, k: int, device, compute_dtype: str, 
                             "data": {"dataset": "embedded", "train_tokens": B * 20},
                             "sae": {"d_sae": n, "batch_size": B},
                             "trainer": {**TRAINER_SETTINGS[name], "warmup_steps": 0,
-                                        **({"init_l0": float(k)} if name in NO_K else {"k": k})}})
+                                        **sparsity_keys(name, k)}})
     acts = synthetic_acts(B * 4, d, device)
     trainer = make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=1000, total_tokens=1000 * B, init_acts_BD=acts[:B],
                            seed=0, device=device, compute_dtype=compute_dtype, sparse_step=sparse_step,
                            kernels=cpu_kernels_for(cfg.model, device))  # as a run loads them
+    if name == "relu":  # each latent's (1 - L0 / n) pre-activation quantile on the bench's batches
+        with torch.no_grad():
+            pre_BF = trainer.sae.pre_acts(acts) - trainer.sae.b_enc
+            rank = max(1, round((1 - RELU_L0_PER_K * k / n) * pre_BF.shape[0]))
+            trainer.sae.b_enc.copy_(-pre_BF.kthvalue(rank, dim=0).values)
     if name == "topk_auxk":
         trainer.tokens_since_fired_F[:int(AUXK_DEAD_FRAC * n)] = trainer.dead_after_tokens
         trainer.count_step = lambda out: None  # the dead set stays as it is

@@ -248,3 +248,26 @@ def test_token_kernel_equals_the_table_formula(lib, B, k, n, d):
         torch.set_num_threads(threads)
     assert one[0] == value
     torch.testing.assert_close(one[1], half, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("B, D, n, entries", [(64, 640, 300, 1000), (50, 45, 70, 400), (8, 33, 5, 0), (300, 96, 2000, 900)])
+def test_encoder_grad_by_columns_equals_the_dense_product(lib, B, D, n, entries):
+    """dW = x^T G for G nonzero at the given entries, against float64 on the scattered dense G: entries in no
+    particular order, a latent's entries over many rows, latents without entries (n 2000: most; their columns must
+    be written as zeros over whatever the output's memory held), D and n that are not multiples of the 32-float
+    register chunks and of the 32-latent column blocks, no entries at all. The same bits at one thread as at two."""
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(B, D, generator=g)
+    flat = torch.randperm(B * n, generator=g)[:entries]
+    rows, idx, vals = flat // n, flat % n, torch.randn(entries, generator=g)
+    G = torch.zeros(B, n, dtype=torch.float64).index_put_((rows, idx), vals.double())
+    torch.empty(D, n).fill_(float("nan"))  # leave garbage where the allocator may hand the output's memory out again
+    got = cpu_kernels.encoder_grad_by_columns(lib, x, rows, idx, vals, n)
+    torch.testing.assert_close(got.double(), x.double().T @ G, rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.encoder_grad_by_columns(lib, x, rows, idx, vals, n)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, got)

@@ -1,6 +1,9 @@
 """The sparse TopK step (embedding-bag decoder, encoder backward on the selected latents) against the dense
-step: the same loss, gradients and, after several optimizer steps, weights, for every TopK-family trainer and
-JumpReLU (whose codes include the STE window below its thresholds)."""
+step: the same loss, gradients and, after several optimizer steps, weights, for every TopK-family trainer,
+JumpReLU (whose codes include the STE window below its thresholds) and the ReLU-based ones (whose codes are the
+active entries, or the dense fallback when those are too many)."""
+import shutil
+
 import pytest
 import torch
 
@@ -19,14 +22,20 @@ SETTINGS = {
     # a wide STE window (pre ~ N(0, 1)): ~60 entries of the batch fall in it below theta, ~60 above
     "jumprelu": {"name": "jumprelu", "init_l0": 8.0, "bandwidth": 0.5, "l0_coeff": 0.3},
 }
-NO_K = {"jumprelu"}
+RELU_BASED = {"relu": {"name": "relu", "l1_coeff": 0.5},
+              "momentum_relu": {"name": "momentum", "base": "relu", "lambda2": 0.5},
+              "c2r_relu": {"name": "c2r", "base": "relu", "lam": 1.0}}
+SETTINGS.update(RELU_BASED)
+NO_K = {"jumprelu", "relu"}
 
 
-def pair(name, compute_dtype="float32", d=16, n=64, B=64, k_aux=6):
+def pair(name, compute_dtype="float32", d=16, n=64, B=64, k_aux=6, kernels=None):
+    """(dense, sparse) trainers of one init; kernels: the sparse one's CPU kernels (its encoder weight gradient)."""
     cfg = tiny_run_config(warmup_steps=0, **({} if name in NO_K else {"k": 4, "k_aux": k_aux}), **SETTINGS[name])
     acts = torch.randn(4 * B, d, generator=torch.Generator().manual_seed(1))
     made = [make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=50, total_tokens=50 * B, init_acts_BD=acts,
-                         seed=0, compute_dtype=compute_dtype, sparse_step=mode) for mode in ("off", "on")]
+                         seed=0, compute_dtype=compute_dtype, sparse_step=mode, kernels=kernels if mode == "on" else None)
+            for mode in ("off", "on")]
     for tr in made:  # latents 0..9 dead, so AuxK takes part
         tr.tokens_since_fired_F[:10] = 10**9
     return made, [acts[i * B:(i + 1) * B] for i in range(4)]
@@ -42,14 +51,45 @@ def grads(trainer, x):
 
 # AuxK: k_aux 6 < 10 dead latents (the sparse step's top-k_aux bag) and 16 >= 10 (every dead latent, a block)
 @pytest.mark.parametrize("k_aux", [6, 16])
-@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("name", [n for n in SETTINGS if n not in RELU_BASED])
 def test_sparse_step_equals_dense(name, k_aux):
-    (dense, sparse), batches = pair(name, k_aux=k_aux)
+    check_sparse_step_equals_dense(name, k_aux)
+
+
+# SPARSE_MAX_DENSITY 1: the active entries (~half of them at init) go the sparse way; 0: every step falls back to
+# the dense products from the sparse step's no-grad encoder forward
+@pytest.mark.parametrize("max_density", [1.0, 0.0])
+@pytest.mark.parametrize("name", list(RELU_BASED))
+def test_relu_sparse_step_equals_dense(name, max_density, monkeypatch):
+    import trainers.relu
+    from workbench.sae_ops import Codes
+    monkeypatch.setattr(trainers.relu, "SPARSE_MAX_DENSITY", max_density)
+    out_s = check_sparse_step_equals_dense(name, 6)
+    assert isinstance(out_s.latents, Codes) == (max_density == 1.0)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here: the kernels are not built")
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_sparse_step_with_the_cpu_kernels_equals_dense(name, tmp_path, monkeypatch):
+    """The encoder weight gradient by the CPU kernels (workbench/cpu_kernels.py) in place of dense @ CSR: the same
+    check, for codes of fixed k, batchtopk's and jumprelu's varying counts per row, and relu's active entries."""
+    import trainers.relu
+    from workbench import cpu_kernels
+    monkeypatch.setattr(trainers.relu, "SPARSE_MAX_DENSITY", 1.0)
+    lib = cpu_kernels.load(tmp_path)
+    calls, original = [], cpu_kernels.encoder_grad_by_columns
+    monkeypatch.setattr(cpu_kernels, "encoder_grad_by_columns", lambda *a: calls.append(1) or original(*a))
+    check_sparse_step_equals_dense(name, 6, kernels=lib)
+    assert calls  # the kernel ran
+
+
+def check_sparse_step_equals_dense(name, k_aux, kernels=None):
+    (dense, sparse), batches = pair(name, k_aux=k_aux, kernels=kernels)
     assert not dense.sparse_step and sparse.sparse_step
     out_d, g_d = grads(dense, batches[0])
     out_s, g_s = grads(sparse, batches[0])
     torch.testing.assert_close(out_s.loss, out_d.loss, rtol=1e-5, atol=1e-6)
-    assert name in NO_K or out_d.parts["auxk"] > 0  # the dead latents' path is exercised
+    assert name in NO_K or name in RELU_BASED or out_d.parts["auxk"] > 0  # the dead latents' path is exercised
     for key in out_d.parts:
         torch.testing.assert_close(out_s.parts[key], out_d.parts[key], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_s.latents_BF, out_d.latents_BF)
@@ -63,6 +103,7 @@ def test_sparse_step_equals_dense(name, k_aux):
     for (key, pd), ps in zip(dense.sae.state_dict().items(), sparse.sae.state_dict().values()):
         torch.testing.assert_close(ps, pd, rtol=1e-4, atol=1e-5, msg=key)
     assert torch.equal(dense.tokens_since_fired_F, sparse.tokens_since_fired_F)
+    return out_s
 
 
 @pytest.mark.parametrize("k_aux", [6, 16])
@@ -88,7 +129,7 @@ def test_auto_picks_by_measured_rule():
     cfg = tiny_run_config(name="relu")
     relu = make_trainer(cfg.trainer, d_in=8, d_sae=16, total_steps=5, total_tokens=160,
                         init_acts_BD=torch.randn(8, 8), seed=0, sparse_step="on")
-    assert not relu.sparse_step  # ReLU codes are not a selection: always dense
+    assert relu.sparse_step  # ReLU's codes are its active entries: a selection too
 
 
 @pytest.mark.parametrize("sparse", [False, True])

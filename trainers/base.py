@@ -53,7 +53,7 @@ class Trainer:
     name: ClassVar[str]
     Config: ClassVar[type[TrainerConfig]]
     architecture: ClassVar[str]  # SAELens architecture of the SAE this trainer produces
-    sparse_codes: ClassVar[bool] = False  # its codes are a selection of entries (TopK family, JumpReLU): sparse step possible
+    sparse_codes: ClassVar[bool] = False  # its codes are a selection of entries (TopK family, ReLU, JumpReLU): sparse step possible
 
     def __init__(self, cfg: TrainerConfig, d_in: int, d_sae: int, total_steps: int, total_tokens: int,
                  init_acts_BD: torch.Tensor, seed: int, device: str | torch.device = "cpu",
@@ -147,19 +147,14 @@ class Trainer:
         with torch.no_grad():
             sae_in_BD = sae.process_sae_in(acts_BD)  # x - b_dec: sae_lens's input processing (make_sae's cfg)
         pre_BF, bias_F = encoder_pre_acts(sae_in_BD, sae.W_enc, sae.b_enc, sae.b_dec, grad=not self.sparse_step)
-        return Encoding(sae.hook_sae_acts_pre(pre_BF), sae_in_BD, sae.W_enc, bias_F, self.sparse_step)
+        kernels = self.kernels if self.sparse_step and self.device_type == "cpu" else None
+        return Encoding(sae.hook_sae_acts_pre(pre_BF), sae_in_BD, sae.W_enc, bias_F, self.sparse_step, kernels)
 
     def decode(self, codes: Codes) -> torch.Tensor:
         """x_hat = b_dec + sum_i f_i d_i: SAELens's dense decode, or the sparse step's embedding bag."""
         if not codes.sparse:
             return self.sae.decode(codes.latents_BF)
         return codes.decode(self.sae.W_dec).to(self.sae.b_dec.dtype) + self.sae.b_dec
-
-    def forward_parts(self, acts_BD: torch.Tensor):
-        """pre-activations, latents and reconstruction of the current SAE (dense; the ReLU family's)."""
-        pre_BF = self.encode(acts_BD).pre_BF
-        latents_BF = self.sae.activate(pre_BF)
-        return pre_BF, latents_BF, self.sae.decode(latents_BF)
 
     def artifacts(self) -> dict:
         """Trainer outputs saved with the run for plot.py (e.g. the final momentum vector)."""

@@ -436,18 +436,21 @@ def global_active(latents_BF: torch.Tensor) -> torch.Tensor:
 
 class CompetitionTrainer(Trainer):
     """L = L_base + penalty(pairs); subclasses define the coefficients c_ij (and weights)."""
+    sparse_codes = True  # both bases' codes are selections (TopK's, ReLU's active entries)
 
     def __init__(self, cfg: CompetitionConfig, **kw):
         self.architecture = "topk" if cfg.base == "topk" else "standard"
-        self.sparse_codes = cfg.base == "topk"
         super().__init__(cfg, **kw)
 
     def base_loss(self, acts_BD: torch.Tensor, progress: float):
-        """(parts, loss, latents (None with TopK codes, which hold them), x_hat, TopK codes or None)."""
+        """(parts, loss, the dense latents (None where codes hold them), x_hat, the codes or None)."""
         if self.cfg.base == "topk":
             parts, loss, codes, recon_BD = topk_loss_parts(self, acts_BD)
+        else:
+            parts, loss, codes, recon_BD = relu_loss_parts(self, acts_BD, progress)
+        if isinstance(codes, Codes):
             return parts, loss, None, recon_BD, codes
-        return (*relu_loss_parts(self, acts_BD, progress), None)
+        return parts, loss, codes, recon_BD, None
 
     def penalty(self, active: Callable[[], torch.Tensor], progress: float,
                 codes: Codes | None = None) -> tuple[torch.Tensor, dict]:
@@ -457,11 +460,10 @@ class CompetitionTrainer(Trainer):
 
     def token_pairs(self, codes: Codes | None) -> TokenPairs | None:
         """Per-token co-firing for TopK codes (one process; while B k^2 / 2 <= n^2 / 2), else None."""
-        if codes is None or distributed.ctx().data_parallel:
+        if codes is None or codes.per_row is None or distributed.ctx().data_parallel:
             return None
-        B, n = codes.shape
-        k = codes.idx_E.numel() // B
-        if k * B != codes.idx_E.numel() or B * k * k > n * n:
+        (B, n), k = codes.shape, codes.per_row
+        if B * k * k > n * n:
             return None
         return TokenPairs.from_codes(codes.idx_E.view(B, k), codes.vals_E.detach().view(B, k) > 0, n)
 

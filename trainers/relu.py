@@ -2,6 +2,11 @@
 
     f = ReLU(pre)
     L = L_recon + lambda1(p) * (1/B) sum_b sum_i f_bi ||d_i||      lambda1 warmed up over l1_warmup_frac
+
+Sparse step (sae.sparse_step, as the TopK family's): the codes are the active entries (pre > 0; ReLU sends no
+gradient elsewhere), so the decoder is an embedding bag and the encoder's backward touches those entries only.
+A step whose codes are denser than SPARSE_MAX_DENSITY (the first steps: half the entries fire at init) takes the
+dense step's products instead. Same loss and gradients either way (tests/test_sparse_step.py).
 """
 from __future__ import annotations
 
@@ -10,6 +15,11 @@ import torch
 
 from trainers.base import StepOutput, Trainer, TrainerConfig, reconstruction_loss, register
 from workbench.config import configclass, param
+from workbench.sae_ops import Codes, Encoding
+
+# The share of active entries above which a step's dense products beat the sparse ops, which pay per entry what
+# the dense ones pay per latent (bench/bench_trainers.py --trainers relu_density; notes.txt, session 17)
+SPARSE_MAX_DENSITY = 0.08
 
 
 @configclass
@@ -24,13 +34,30 @@ def l1_coeff_at(cfg: ReLUConfig, progress: float) -> float:
     return cfg.l1_coeff * min(1.0, progress / cfg.l1_warmup_frac)
 
 
+def relu_latents(trainer: Trainer, enc: Encoding) -> Codes | torch.Tensor:
+    """f = ReLU(pre): the active entries as codes in a sparse step while they are few enough to gain, else the dense
+    (B, F) latents."""
+    if enc.sparse:
+        active_BF = enc.pre_BF > 0
+        if int(active_BF.count_nonzero()) <= SPARSE_MAX_DENSITY * active_BF.numel():
+            return enc.mask_codes(active_BF)
+    return trainer.sae.activate(enc.dense_pre())
+
+
 def relu_loss_parts(trainer: Trainer, acts_BD: torch.Tensor, progress: float):
-    """The ReLU + L1 objective's pieces; shared by trainers whose base SAE is ReLU."""
-    _, latents_BF, recon_BD = trainer.forward_parts(acts_BD)
+    """The ReLU + L1 objective's pieces (latents: codes or the dense matrix, as relu_latents gives them); shared by
+    trainers whose base SAE is ReLU."""
+    latents = relu_latents(trainer, trainer.encode(acts_BD))
+    norms_F = trainer.sae.W_dec.norm(dim=1)
+    if isinstance(latents, Codes):
+        recon_BD = trainer.decode(latents)
+        l_sparsity = (latents.vals_E * norms_F[latents.idx_E]).sum() / acts_BD.shape[0]
+    else:
+        recon_BD = trainer.sae.decode(latents)
+        l_sparsity = (latents * norms_F).sum(dim=-1).mean()
     l_recon = reconstruction_loss(acts_BD, recon_BD)
-    l_sparsity = (latents_BF * trainer.sae.W_dec.norm(dim=1)).sum(dim=-1).mean()
     parts = {"recon": l_recon, "l1": l_sparsity}
-    return parts, l_recon + l1_coeff_at(trainer.cfg, progress) * l_sparsity, latents_BF, recon_BD
+    return parts, l_recon + l1_coeff_at(trainer.cfg, progress) * l_sparsity, latents, recon_BD
 
 
 @register
@@ -38,7 +65,8 @@ class ReLUTrainer(Trainer):
     name = "relu"
     Config = ReLUConfig
     architecture = "standard"
+    sparse_codes = True  # the active entries are a selection (relu_latents)
 
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
-        parts, loss, latents_BF, recon_BD = relu_loss_parts(self, acts_BD, progress)
-        return StepOutput(loss, parts, acts_BD, recon_BD, latents_BF)
+        parts, loss, latents, recon_BD = relu_loss_parts(self, acts_BD, progress)
+        return StepOutput(loss, parts, acts_BD, recon_BD, latents)

@@ -75,6 +75,7 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     lib.pair_table_rows.restype = ctypes.c_int64
     lib.token_pairs_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
     lib.token_pairs_abs_cosine_f32.restype = ctypes.c_double
+    lib.encoder_grad_by_columns_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     return lib
 
 
@@ -200,6 +201,22 @@ def pair_rows_abs_cosine(lib: ctypes.CDLL, row_ptr: torch.Tensor, cols: torch.Te
                                          0 if weight_F is None else weight_F.data_ptr(), W_FD.data_ptr(),
                                          half_FD.data_ptr(), n, d)
     return value, half_FD
+
+
+def encoder_grad_by_columns(lib: ctypes.CDLL, x_BD: torch.Tensor, rows_E: torch.Tensor, idx_E: torch.Tensor,
+                            g_E: torch.Tensor, n: int) -> torch.Tensor:
+    """dW (D, n) = x^T G for G (B, n) nonzero only at the entries (rows_E, idx_E) with values g_E: the sparse step's
+    encoder weight gradient in W_enc's layout. float32 x, g and int64 indices (idx < n), contiguous on a CPU; any order
+    of entries (each latent's sum runs in the given order)."""
+    assert x_BD.dtype == g_E.dtype == torch.float32 and rows_E.dtype == idx_E.dtype == torch.int64
+    assert all(t.is_contiguous() and t.device.type == "cpu" for t in (x_BD, rows_E, idx_E, g_E))
+    B, D = x_BD.shape
+    E = idx_E.numel()
+    assert rows_E.shape == g_E.shape == (E,)
+    out = torch.empty(D, n, dtype=torch.float32)
+    lib.encoder_grad_by_columns_f32(x_BD.data_ptr(), rows_E.data_ptr(), idx_E.data_ptr(), g_E.data_ptr(), E, n, D,
+                                    out.data_ptr())
+    return out
 
 
 def _fused_rotary(original, lib: ctypes.CDLL):

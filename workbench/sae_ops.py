@@ -123,11 +123,16 @@ def csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tup
 
 
 def encoder_weight_grad(sae_in_BD: torch.Tensor, rows_E: torch.Tensor, idx_E: torch.Tensor, g_E: torch.Tensor, n: int,
-                        by_rows: bool | None = None) -> torch.Tensor:
-    """dW_enc (D, n) = sae_in^T G for G (B, n) nonzero only at the entries (rows_E sorted). by_rows (the default
-    on a CPU): dense @ CSR, which writes W_enc's (D, n) layout directly; else the (n, D) product G^T sae_in,
-    transposed, which autograd then copies into that layout: a transposing copy of the whole matrix, 120 ms of
-    a 200 ms backward at 2304 x 16384 on a CPU (noise on a GPU, where dense @ CSR is not relied on)."""
+                        by_rows: bool | None = None, kernels=None) -> torch.Tensor:
+    """dW_enc (D, n) = sae_in^T G for G (B, n) nonzero only at the entries (rows_E sorted). With the CPU kernels
+    (workbench/cpu_kernels.py; float32 on a CPU): their by-latent sum, in W_enc's layout (8x dense @ CSR's speed at the
+    quickstart's size, 2.5x at Gemma-2's). Else by_rows (the default on a CPU): dense @ CSR, which writes that
+    layout directly; or the (n, D) product G^T sae_in, transposed, which autograd then copies into that layout: a
+    transposing copy of the whole matrix, 120 ms of a 200 ms backward at 2304 x 16384 on a CPU (noise on a GPU,
+    where dense @ CSR is not relied on)."""
+    if kernels is not None and sae_in_BD.device.type == "cpu" and sae_in_BD.dtype == g_E.dtype == torch.float32:
+        from workbench.cpu_kernels import encoder_grad_by_columns
+        return encoder_grad_by_columns(kernels, *(t.contiguous() for t in (sae_in_BD, rows_E, idx_E, g_E)), n)
     B = sae_in_BD.shape[0]
     if by_rows is None:
         by_rows = sae_in_BD.device.type == "cpu"
@@ -141,12 +146,12 @@ class _SelectedPreActs(torch.autograd.Function):
     """pre_e = sae_in_{row e} . W_enc[:, idx_e] + b_enc[idx_e] at the selected entries, its value taken
     from the dense (no-grad) encoder forward. Backward touches only the selected columns:
     dW_enc[:, i] = sum_{e: idx_e = i} g_e sae_in_{row e};  db_enc[i] = sum g_e. (sae_in is a value:
-    b_dec's gradient through it comes from the bias, _EncoderBias.)"""
+    b_dec's gradient through it comes from the bias, _EncoderBias.) kernels: the CPU kernels or None."""
 
     @staticmethod
-    def forward(ctx, pre_E, sae_in_BD, W_enc_DF, b_enc_F, rows_E, idx_E):
+    def forward(ctx, pre_E, sae_in_BD, W_enc_DF, b_enc_F, rows_E, idx_E, kernels):
         ctx.save_for_backward(sae_in_BD, rows_E, idx_E)
-        ctx.n = W_enc_DF.shape[1]
+        ctx.n, ctx.kernels = W_enc_DF.shape[1], kernels
         return pre_E.clone()
 
     @staticmethod
@@ -156,10 +161,28 @@ class _SelectedPreActs(torch.autograd.Function):
         g_E = g_E.float()
         grad_W = grad_b = None
         if ctx.needs_input_grad[2]:
-            grad_W = encoder_weight_grad(sae_in_BD.float(), rows_E, idx_E, g_E, n)
+            grad_W = encoder_weight_grad(sae_in_BD.float(), rows_E, idx_E, g_E, n, kernels=ctx.kernels)
         if ctx.needs_input_grad[3]:
             grad_b = torch.zeros(n, dtype=torch.float32, device=g_E.device).index_add_(0, idx_E, g_E)
-        return None, None, grad_W, grad_b, None, None
+        return None, None, grad_W, grad_b, None, None, None
+
+
+class _DensePreActs(torch.autograd.Function):
+    """pre_BF whole, its value taken from the dense (no-grad) encoder forward: the sparse step's way back to the
+    dense one when a step's codes are too dense for the sparse ops (ReLU early in training). Backward as autograd's
+    through the encoder matmul: dW_enc = sae_in^T G (in G's dtype, autocast's bf16 as there), db_enc = sum_b G."""
+
+    @staticmethod
+    def forward(ctx, pre_BF, sae_in_BD, W_enc_DF, b_enc_F):
+        ctx.save_for_backward(sae_in_BD)
+        return pre_BF.clone()
+
+    @staticmethod
+    def backward(ctx, g_BF):
+        (sae_in_BD,) = ctx.saved_tensors
+        grad_W = (sae_in_BD.to(g_BF.dtype).T @ g_BF).float() if ctx.needs_input_grad[2] else None
+        grad_b = g_BF.sum(0).float() if ctx.needs_input_grad[3] else None
+        return None, None, grad_W, grad_b
 
 
 class _ColumnPreActs(torch.autograd.Function):
@@ -191,11 +214,13 @@ class _ColumnPreActs(torch.autograd.Function):
 class Codes:
     """One batch's latents f = ReLU(pre) at selected entries (rows_E, idx_E: row-major order), zero elsewhere.
     latents_BF is the dense (B, F) matrix, differentiable and made on first use: the dense step's decode is
-    a product with it, while the sparse step's decode is an embedding bag over the entries and never needs it."""
+    a product with it, while the sparse step's decode is an embedding bag over the entries and never needs it.
+    per_row: k where every row holds exactly k entries (TopK's codes, which the per-token paths view as (B, k)), else None."""
 
     def __init__(self, rows_E: torch.Tensor, idx_E: torch.Tensor, vals_E: torch.Tensor, shape: tuple[int, int],
-                 sparse: bool):
+                 sparse: bool, per_row: int | None = None):
         self.rows_E, self.idx_E, self.vals_E, self.shape, self.sparse = rows_E, idx_E, vals_E, shape, sparse
+        self.per_row = per_row
         self._latents_BF: torch.Tensor | None = None
 
     @property
@@ -226,23 +251,32 @@ class Codes:
 class Encoding:
     """The encoder's output for one batch: pre_BF (differentiable in the dense step; values only in the
     sparse step, where `codes` routes the gradient through _SelectedPreActs), the input x - b_dec (a value),
-    and the bias node that carries b_enc's and b_dec's gradients (encoder_pre_acts)."""
+    and the bias node that carries b_enc's and b_dec's gradients (encoder_pre_acts); kernels: the CPU kernels for the
+    sparse step's encoder weight gradient (encoder_weight_grad), or None."""
     pre_BF: torch.Tensor
     sae_in_BD: torch.Tensor
     W_enc_DF: torch.Tensor
     b_enc_F: torch.Tensor
     sparse: bool
+    kernels: object = None
 
     def selected_pre(self, rows_E: torch.Tensor, idx_E: torch.Tensor) -> torch.Tensor:
         """pre at the given entries (sorted by row), differentiable in both steps."""
         if self.sparse:
             return _SelectedPreActs.apply(self.pre_BF[rows_E, idx_E], self.sae_in_BD, self.W_enc_DF, self.b_enc_F,
-                                          rows_E, idx_E)
+                                          rows_E, idx_E, self.kernels)
         return self.pre_BF[rows_E, idx_E]
 
-    def codes(self, rows_E: torch.Tensor, idx_E: torch.Tensor) -> Codes:
+    def codes(self, rows_E: torch.Tensor, idx_E: torch.Tensor, per_row: int | None = None) -> Codes:
         """f = ReLU(pre) kept at the given entries (sorted by row), zero elsewhere."""
-        return Codes(rows_E, idx_E, self.selected_pre(rows_E, idx_E).relu(), tuple(self.pre_BF.shape), self.sparse)
+        return Codes(rows_E, idx_E, self.selected_pre(rows_E, idx_E).relu(), tuple(self.pre_BF.shape), self.sparse,
+                     per_row)
+
+    def dense_pre(self) -> torch.Tensor:
+        """pre_BF, differentiable in both steps (the sparse step's fallback for codes it would not gain on)."""
+        if not self.sparse:
+            return self.pre_BF
+        return _DensePreActs.apply(self.pre_BF, self.sae_in_BD, self.W_enc_DF, self.b_enc_F)
 
     def column_pre_acts(self, cols_C: torch.Tensor) -> torch.Tensor:
         """pre[:, cols] as a dense (B, C) block, differentiable in both steps (AuxK's dead latents)."""
@@ -260,7 +294,7 @@ class Encoding:
         if among is not None:
             idx_BK = among[idx_BK]
         rows_E = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
-        return self.codes(rows_E, idx_BK.flatten())
+        return self.codes(rows_E, idx_BK.flatten(), per_row=k)
 
     def mask_codes(self, keep_BF: torch.Tensor) -> Codes:
         """f = ReLU(pre) where keep_BF (e.g. BatchTopK's selection)."""
