@@ -250,24 +250,34 @@ def test_token_kernel_equals_the_table_formula(lib, B, k, n, d):
     torch.testing.assert_close(one[1], half, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("B, D, n, entries", [(64, 640, 300, 1000), (50, 45, 70, 400), (8, 33, 5, 0), (300, 96, 2000, 900)])
-def test_encoder_grad_by_columns_equals_the_dense_product(lib, B, D, n, entries):
-    """dW = x^T G for G nonzero at the given entries, against float64 on the scattered dense G: entries in no
-    particular order, a latent's entries over many rows, latents without entries (n 2000: most; their columns must
-    be written as zeros over whatever the output's memory held), D and n that are not multiples of the 32-float
-    register chunks and of the 32-latent column blocks, no entries at all. The same bits at one thread as at two."""
+@pytest.mark.parametrize("B, D, n, entries", [(64, 640, 300, 1000), (50, 109, 70, 400), (8, 33, 5, 0), (300, 96, 2000, 900)])
+def test_weighted_row_sums_and_row_dots_equal_the_dense_products(lib, B, D, n, entries):
+    """The sparse step's three sums over entries e (token rows_e, latent idx_e, value v_e), against float64 on the
+    scattered dense G (B x n): the encoder's weight gradient x^T G (transposed: W_enc's layout), the decoder's bag
+    G W and its weight gradient G^T g, and the bag's gradient for its weights g[rows_e] . W[idx_e]. Entries in no
+    particular order, a latent's entries over many rows, latents without entries (n 2000: most; their sums must be
+    written as zeros over whatever the output's memory held), D with and without the 64- and 32-float register chunks
+    and a tail, n not a multiple of the 32-group blocks, no entries at all. The same bits at one thread as at two."""
     g = torch.Generator().manual_seed(D)
-    x = torch.randn(B, D, generator=g)
+    x, W, grad = torch.randn(B, D, generator=g), torch.randn(n, D, generator=g), torch.randn(B, D, generator=g)
     flat = torch.randperm(B * n, generator=g)[:entries]
     rows, idx, vals = flat // n, flat % n, torch.randn(entries, generator=g)
     G = torch.zeros(B, n, dtype=torch.float64).index_put_((rows, idx), vals.double())
-    torch.empty(D, n).fill_(float("nan"))  # leave garbage where the allocator may hand the output's memory out again
-    got = cpu_kernels.encoder_grad_by_columns(lib, x, rows, idx, vals, n)
-    torch.testing.assert_close(got.double(), x.double().T @ G, rtol=1e-5, atol=1e-5)
+
+    def all_four():
+        torch.empty(D, n).fill_(float("nan"))  # garbage where the allocator may hand the outputs' memory out again
+        return [cpu_kernels.weighted_row_sums(lib, x, rows, idx, vals, n, transposed=True),
+                cpu_kernels.weighted_row_sums(lib, W, idx, rows, vals, B),
+                cpu_kernels.weighted_row_sums(lib, grad, rows, idx, vals, n),
+                cpu_kernels.row_dots(lib, grad, rows, W, idx)]
+    got = all_four()
+    for out, ref in zip(got, [x.double().T @ G, G @ W.double(), G.T @ grad.double(),
+                              (grad[rows].double() * W[idx].double()).sum(1)]):
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernels.encoder_grad_by_columns(lib, x, rows, idx, vals, n)
+        one = all_four()
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, got)
+    assert all(torch.equal(a, b) for a, b in zip(one, got))

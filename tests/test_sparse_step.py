@@ -71,16 +71,17 @@ def test_relu_sparse_step_equals_dense(name, max_density, monkeypatch):
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here: the kernels are not built")
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "jumprelu", "relu"])
 def test_sparse_step_with_the_cpu_kernels_equals_dense(name, tmp_path, monkeypatch):
-    """The encoder weight gradient by the CPU kernels (workbench/cpu_kernels.py) in place of dense @ CSR: the same
-    check, for codes of fixed k, batchtopk's and jumprelu's varying counts per row, and relu's active entries."""
+    """The CPU kernels (workbench/cpu_kernels.py) for the decoder's embedding bag and the encoder's weight gradient in
+    place of torch's bag and dense @ CSR: the same check, for codes of fixed k (and AuxK's bag), batchtopk's and
+    jumprelu's varying counts per row, and relu's active entries."""
     import trainers.relu
     from workbench import cpu_kernels
     monkeypatch.setattr(trainers.relu, "SPARSE_MAX_DENSITY", 1.0)
     lib = cpu_kernels.load(tmp_path)
-    calls, original = [], cpu_kernels.encoder_grad_by_columns
-    monkeypatch.setattr(cpu_kernels, "encoder_grad_by_columns", lambda *a: calls.append(1) or original(*a))
+    calls, original = [], cpu_kernels.weighted_row_sums
+    monkeypatch.setattr(cpu_kernels, "weighted_row_sums", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
     check_sparse_step_equals_dense(name, 6, kernels=lib)
-    assert calls  # the kernel ran
+    assert {"transposed": True} in calls and {} in calls  # the encoder's gradient and the bag's two sums ran
 
 
 def check_sparse_step_equals_dense(name, k_aux, kernels=None):

@@ -78,7 +78,7 @@ def window_codes(enc: Encoding, theta_F: torch.Tensor, eps: float) -> tuple[Code
     rows_E, idx_E = ((pre_BF > theta) | (rectangle((pre_BF.float() - theta) / eps) > 0)).nonzero(as_tuple=True)
     pre_E, theta_E = enc.selected_pre(rows_E, idx_E), theta_F[idx_E]
     l_l0 = StepFn.apply(pre_E.detach(), theta_E, eps).sum() / pre_BF.shape[0]
-    return Codes(rows_E, idx_E, JumpReLUFn.apply(pre_E, theta_E, eps), tuple(pre_BF.shape), True), l_l0
+    return Codes(rows_E, idx_E, JumpReLUFn.apply(pre_E, theta_E, eps), tuple(pre_BF.shape), True, kernels=enc.kernels), l_l0
 
 
 @configclass

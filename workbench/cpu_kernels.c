@@ -2,7 +2,7 @@
    eager torch runs each as 5-8 elementwise passes with float32 copies between them; here each element is read
    once, computed in float32 and rounded to bfloat16 once, as torch rounds at the same places. And the
    competition trainers' penalty over their co-firing pairs only (pair_rows_abs_cosine_f32 over a table of pairs,
-   token_pairs_abs_cosine_f32 token by token), and the sparse step's encoder weight gradient (at the end). */
+   token_pairs_abs_cosine_f32 token by token), and the sparse step's sums over its entries (at the end). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -465,53 +465,87 @@ double token_pairs_abs_cosine_f32(const int64_t *idx, const uint8_t *active, con
     return total;
 }
 
-/* The sparse step's encoder weight gradient: dW (D x n, row-major, W_enc's layout) = x^T G for x (B x D) and G (B x n)
-   nonzero only at the entries e (row rows[e], latent idx[e], value g[e]): column i of dW is the sum over i's entries of
-   g_e x[rows_e]. Entries are grouped by latent (a counting sort, each latent's in the given order), and blocks of
-   COLUMN_BLOCK latents go to threads. A column's sum is held in registers, 32 floats of D at a time, over its entries;
-   the block's columns then go out transposed, COLUMN_BLOCK floats (two cache lines) of each of dW's rows. Every element
-   of dW is written once (zeros where a latent has no entry), each a sum in entry order: the same bits for any thread
-   count. torch's dense @ CSR product took 20 ms at the quickstart's 1024 x 640 x 2048 with 32 entries a row (this: 3),
-   81 ms at Gemma-2's 2304 x 16384 (this: 41; writing dW's 151 MB is ~12 of them): notes.txt, session 17. */
-#define COLUMN_BLOCK 32
+/* The sparse step's sums over its entries e (a latent idx[e] of token rows[e], value vals[e]), in one kernel:
+   out[j] = sum over the entries with group[e] = j of vals[e] src[pick[e]], for rows src of length D:
+   - the decoder's embedding bag, x_hat (B x D) = sum over a token's entries of f_e W_dec[idx_e] (group rows, pick idx);
+   - its weight gradient, dW_dec (n x D) = sum over a latent's entries of f_e g[rows_e] (group idx, pick rows);
+   - the encoder's weight gradient, dW_enc = x^T G, column i the sum over latent i's entries of g_e x[rows_e]; written
+     transposed, in W_enc's (D x n) layout.
+   Entries are grouped (a counting sort, each group's in the given order) and groups go to threads in blocks of
+   GROUP_BLOCK. A group's sum is held in registers, 64 floats of D at a time, over its entries; transposed, the block's
+   sums go out COLUMN_BLOCK floats (two cache lines) of each of out's D rows. Every element of out is written once
+   (zeros for a group without entries), each a sum in entry order: the same bits for any thread count. torch's dense @
+   CSR product for dW_enc took 20 ms at the quickstart's 1024 x 640 x 2048 with 32 entries a token (this: 3), 81 ms at
+   Gemma-2's 2304 x 16384 (this: 41, of which writing dW's 151 MB is ~12): notes.txt, session 17. */
+#define GROUP_BLOCK 32
 
-void encoder_grad_by_columns_f32(const float *x, const int64_t *rows, const int64_t *idx, const float *g, int64_t E,
-                                 int64_t n, int64_t D, float *out) {
-    int64_t *start = malloc(((size_t)n + 1) * sizeof(int64_t)), *order = malloc(((size_t)E + 1) * sizeof(int64_t));
-    occurrences_by_latent(idx, E, n, start, order);
+static inline void weighted_sum(const float *src, const int64_t *pick, const float *vals, const int64_t *order,
+                                int64_t p0, int64_t p1, int64_t D, float *out) {
+    int64_t c = 0;
+    for (; c + 64 <= D; c += 64) {  /* 64 floats: four cache lines of each row per pass (32: Gemma-2's bag 1.4x slower) */
+        v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0};
+        for (int64_t p = p0; p < p1; p++) {
+            const float *r = src + pick[order[p]] * D + c, v = vals[order[p]];
+            s0 += v * load8(r), s1 += v * load8(r + 8), s2 += v * load8(r + 16), s3 += v * load8(r + 24);
+            s4 += v * load8(r + 32), s5 += v * load8(r + 40), s6 += v * load8(r + 48), s7 += v * load8(r + 56);
+        }
+        store8(out + c, s0), store8(out + c + 8, s1), store8(out + c + 16, s2), store8(out + c + 24, s3);
+        store8(out + c + 32, s4), store8(out + c + 40, s5), store8(out + c + 48, s6), store8(out + c + 56, s7);
+    }
+    for (; c + 32 <= D; c += 32) {
+        v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        for (int64_t p = p0; p < p1; p++) {
+            const float *r = src + pick[order[p]] * D + c, v = vals[order[p]];
+            s0 += v * load8(r), s1 += v * load8(r + 8), s2 += v * load8(r + 16), s3 += v * load8(r + 24);
+        }
+        store8(out + c, s0), store8(out + c + 8, s1), store8(out + c + 16, s2), store8(out + c + 24, s3);
+    }
+    for (; c < D; c++) {
+        float s = 0.f;
+        for (int64_t p = p0; p < p1; p++)
+            s += vals[order[p]] * src[pick[order[p]] * D + c];
+        out[c] = s;
+    }
+}
+
+void weighted_row_sums_f32(const float *src, const int64_t *pick, const int64_t *group, const float *vals, int64_t E,
+                           int64_t n_groups, int64_t D, float *out, int transposed) {
+    int64_t *start = malloc(((size_t)n_groups + 1) * sizeof(int64_t)), *order = malloc(((size_t)E + 1) * sizeof(int64_t));
+    occurrences_by_latent(group, E, n_groups, start, order);
     #pragma omp parallel
     {
-        float *acc = malloc((size_t)COLUMN_BLOCK * (size_t)D * sizeof(float));
+        float *acc = transposed ? malloc((size_t)GROUP_BLOCK * (size_t)D * sizeof(float)) : NULL;
         #pragma omp for schedule(dynamic, 2)
-        for (int64_t c0 = 0; c0 < n; c0 += COLUMN_BLOCK) {
-            const int64_t w = n - c0 < COLUMN_BLOCK ? n - c0 : COLUMN_BLOCK;
-            for (int64_t j = 0; j < w; j++) {
-                float *a = acc + j * D;
-                const int64_t p0 = start[c0 + j], p1 = start[c0 + j + 1];
-                int64_t c = 0;
-                for (; c + 32 <= D; c += 32) {
-                    v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-                    for (int64_t p = p0; p < p1; p++) {
-                        const float *xr = x + rows[order[p]] * D + c, ge = g[order[p]];
-                        s0 += ge * load8(xr), s1 += ge * load8(xr + 8), s2 += ge * load8(xr + 16), s3 += ge * load8(xr + 24);
-                    }
-                    store8(a + c, s0), store8(a + c + 8, s1), store8(a + c + 16, s2), store8(a + c + 24, s3);
+        for (int64_t j0 = 0; j0 < n_groups; j0 += GROUP_BLOCK) {
+            const int64_t w = n_groups - j0 < GROUP_BLOCK ? n_groups - j0 : GROUP_BLOCK;
+            for (int64_t j = 0; j < w; j++)
+                weighted_sum(src, pick, vals, order, start[j0 + j], start[j0 + j + 1], D,
+                             transposed ? acc + j * D : out + (j0 + j) * D);
+            if (transposed)
+                for (int64_t d = 0; d < D; d++) {
+                    float *o = out + d * n_groups + j0;
+                    for (int64_t j = 0; j < w; j++)
+                        o[j] = acc[j * D + d];
                 }
-                for (; c < D; c++) {
-                    float s = 0.f;
-                    for (int64_t p = p0; p < p1; p++)
-                        s += g[order[p]] * x[rows[order[p]] * D + c];
-                    a[c] = s;
-                }
-            }
-            for (int64_t d = 0; d < D; d++) {
-                float *o = out + d * n + c0;
-                for (int64_t j = 0; j < w; j++)
-                    o[j] = acc[j * D + d];
-            }
         }
         free(acc);
     }
     free(start);
     free(order);
+}
+
+/* out[e] = a[ia[e]] . b[ib[e]] for rows of length D: the embedding bag's gradient for its weights, g[rows_e] . W[idx_e] */
+void row_dots_f32(const float *a, const int64_t *ia, const float *b, const int64_t *ib, int64_t E, int64_t D, float *out) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t e = 0; e < E; e++) {
+        const float *x = a + ia[e] * D, *y = b + ib[e] * D;
+        v8f s0 = {0}, s1 = {0};
+        int64_t c = 0;
+        for (; c + 16 <= D; c += 16)
+            s0 += load8(x + c) * load8(y + c), s1 += load8(x + c + 8) * load8(y + c + 8);
+        float s = sum8(s0 + s1);
+        for (; c < D; c++)
+            s += x[c] * y[c];
+        out[e] = s;
+    }
 }

@@ -75,7 +75,8 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     lib.pair_table_rows.restype = ctypes.c_int64
     lib.token_pairs_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
     lib.token_pairs_abs_cosine_f32.restype = ctypes.c_double
-    lib.encoder_grad_by_columns_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.weighted_row_sums_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
+    lib.row_dots_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     return lib
 
 
@@ -203,19 +204,29 @@ def pair_rows_abs_cosine(lib: ctypes.CDLL, row_ptr: torch.Tensor, cols: torch.Te
     return value, half_FD
 
 
-def encoder_grad_by_columns(lib: ctypes.CDLL, x_BD: torch.Tensor, rows_E: torch.Tensor, idx_E: torch.Tensor,
-                            g_E: torch.Tensor, n: int) -> torch.Tensor:
-    """dW (D, n) = x^T G for G (B, n) nonzero only at the entries (rows_E, idx_E) with values g_E: the sparse step's
-    encoder weight gradient in W_enc's layout. float32 x, g and int64 indices (idx < n), contiguous on a CPU; any order
-    of entries (each latent's sum runs in the given order)."""
-    assert x_BD.dtype == g_E.dtype == torch.float32 and rows_E.dtype == idx_E.dtype == torch.int64
-    assert all(t.is_contiguous() and t.device.type == "cpu" for t in (x_BD, rows_E, idx_E, g_E))
-    B, D = x_BD.shape
-    E = idx_E.numel()
-    assert rows_E.shape == g_E.shape == (E,)
-    out = torch.empty(D, n, dtype=torch.float32)
-    lib.encoder_grad_by_columns_f32(x_BD.data_ptr(), rows_E.data_ptr(), idx_E.data_ptr(), g_E.data_ptr(), E, n, D,
-                                    out.data_ptr())
+def weighted_row_sums(lib: ctypes.CDLL, src: torch.Tensor, pick_E: torch.Tensor, group_E: torch.Tensor,
+                      vals_E: torch.Tensor, n_groups: int, transposed: bool = False) -> torch.Tensor:
+    """out[j] = sum over the entries e with group_E[e] = j of vals_E[e] src[pick_E[e]] (rows of src), (n_groups, D), or
+    its transpose (D, n_groups) laid out as such: the sparse step's embedding bag and its weight gradients
+    (workbench/sae_ops.py). float32 src and vals, int64 indices (group < n_groups, pick < len(src)), all contiguous
+    on a CPU; entries in any order (each group's sum runs in the given order: the same bits for any thread count)."""
+    assert src.dtype == vals_E.dtype == torch.float32 and pick_E.dtype == group_E.dtype == torch.int64
+    assert all(t.is_contiguous() and t.device.type == "cpu" for t in (src, pick_E, group_E, vals_E)) and src.dim() == 2
+    E, D = vals_E.numel(), src.shape[1]
+    assert pick_E.shape == group_E.shape == (E,)
+    out = torch.empty((D, n_groups) if transposed else (n_groups, D), dtype=torch.float32)
+    lib.weighted_row_sums_f32(src.data_ptr(), pick_E.data_ptr(), group_E.data_ptr(), vals_E.data_ptr(), E, n_groups, D,
+                              out.data_ptr(), int(transposed))
+    return out
+
+
+def row_dots(lib: ctypes.CDLL, a: torch.Tensor, ia_E: torch.Tensor, b: torch.Tensor, ib_E: torch.Tensor) -> torch.Tensor:
+    """out[e] = a[ia_E[e]] . b[ib_E[e]] for float32 rows of one length and int64 indices, contiguous on a CPU."""
+    assert a.dtype == b.dtype == torch.float32 and ia_E.dtype == ib_E.dtype == torch.int64
+    assert all(t.is_contiguous() and t.device.type == "cpu" for t in (a, ia_E, b, ib_E)) and a.shape[1] == b.shape[1]
+    assert ia_E.shape == ib_E.shape
+    out = torch.empty(ia_E.numel(), dtype=torch.float32)
+    lib.row_dots_f32(a.data_ptr(), ia_E.data_ptr(), b.data_ptr(), ib_E.data_ptr(), ia_E.numel(), a.shape[1], out.data_ptr())
     return out
 
 

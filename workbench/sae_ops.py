@@ -80,11 +80,41 @@ def sparse_step_wanted(setting: str, d_sae: int, compute_dtype: str) -> bool:
 
 
 def bag_sum(rows_E: torch.Tensor, idx_E: torch.Tensor, vals_E: torch.Tensor, W_FD: torch.Tensor,
-            n_rows: int) -> torch.Tensor:
+            n_rows: int, kernels=None) -> torch.Tensor:
     """out_b = sum over the entries e of row b of vals_e * W[idx_e]: an embedding bag (entries sorted by
-    row), B*k*D work where the dense product is B*F*D."""
+    row), B*k*D work where the dense product is B*F*D. With the CPU kernels (float32 on a CPU): _KernelBag."""
+    if kernels is not None and _kernels_apply(W_FD, vals_E):
+        return _KernelBag.apply(vals_E, W_FD, rows_E, idx_E, n_rows, kernels)
     offsets_B = torch.searchsorted(rows_E, torch.arange(n_rows, device=rows_E.device))
     return F.embedding_bag(idx_E, W_FD.to(vals_E.dtype), offsets_B, mode="sum", per_sample_weights=vals_E)
+
+
+def _kernels_apply(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+class _KernelBag(torch.autograd.Function):
+    """bag_sum by the CPU kernels (workbench/cpu_kernels.py): x_hat_b = sum over row b's entries of vals_e W[idx_e];
+    backward d vals_e = g_{row e} . W[idx_e] and dW[i] = sum over latent i's entries of vals_e g_{row e}, each one pass
+    where torch's embedding bag sorts the entries for its weight gradient (the three took 12.3 ms of a 67 ms TopK
+    step at the quickstart's size, notes.txt session 17)."""
+
+    @staticmethod
+    def forward(ctx, vals_E, W_FD, rows_E, idx_E, n_rows, kernels):
+        from workbench.cpu_kernels import weighted_row_sums
+        ctx.save_for_backward(vals_E, W_FD, rows_E, idx_E)
+        ctx.kernels = kernels
+        return weighted_row_sums(kernels, W_FD.contiguous(), idx_E.contiguous(), rows_E.contiguous(), vals_E.contiguous(),
+                                 n_rows)
+
+    @staticmethod
+    def backward(ctx, g_BD):
+        from workbench.cpu_kernels import row_dots, weighted_row_sums
+        vals_E, W_FD, rows_E, idx_E = (t.contiguous() for t in ctx.saved_tensors)
+        g_BD = g_BD.float().contiguous()
+        d_vals = row_dots(ctx.kernels, g_BD, rows_E, W_FD, idx_E) if ctx.needs_input_grad[0] else None
+        d_W = weighted_row_sums(ctx.kernels, g_BD, rows_E, idx_E, vals_E, W_FD.shape[0]) if ctx.needs_input_grad[1] else None
+        return d_vals, d_W, None, None, None, None
 
 
 class _EncoderBias(torch.autograd.Function):
@@ -125,14 +155,14 @@ def csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tup
 def encoder_weight_grad(sae_in_BD: torch.Tensor, rows_E: torch.Tensor, idx_E: torch.Tensor, g_E: torch.Tensor, n: int,
                         by_rows: bool | None = None, kernels=None) -> torch.Tensor:
     """dW_enc (D, n) = sae_in^T G for G (B, n) nonzero only at the entries (rows_E sorted). With the CPU kernels
-    (workbench/cpu_kernels.py; float32 on a CPU): their by-latent sum, in W_enc's layout (8x dense @ CSR's speed at the
+    (workbench/cpu_kernels.py; float32 on a CPU): their by-latent sums, in W_enc's layout (8x dense @ CSR's speed at the
     quickstart's size, 2.5x at Gemma-2's). Else by_rows (the default on a CPU): dense @ CSR, which writes that
     layout directly; or the (n, D) product G^T sae_in, transposed, which autograd then copies into that layout: a
     transposing copy of the whole matrix, 120 ms of a 200 ms backward at 2304 x 16384 on a CPU (noise on a GPU,
     where dense @ CSR is not relied on)."""
-    if kernels is not None and sae_in_BD.device.type == "cpu" and sae_in_BD.dtype == g_E.dtype == torch.float32:
-        from workbench.cpu_kernels import encoder_grad_by_columns
-        return encoder_grad_by_columns(kernels, *(t.contiguous() for t in (sae_in_BD, rows_E, idx_E, g_E)), n)
+    if kernels is not None and _kernels_apply(sae_in_BD, g_E):  # column i: the sum of g_e sae_in[row e] over i's entries
+        from workbench.cpu_kernels import weighted_row_sums
+        return weighted_row_sums(kernels, *(t.contiguous() for t in (sae_in_BD, rows_E, idx_E, g_E)), n, transposed=True)
     B = sae_in_BD.shape[0]
     if by_rows is None:
         by_rows = sae_in_BD.device.type == "cpu"
@@ -215,12 +245,13 @@ class Codes:
     """One batch's latents f = ReLU(pre) at selected entries (rows_E, idx_E: row-major order), zero elsewhere.
     latents_BF is the dense (B, F) matrix, differentiable and made on first use: the dense step's decode is
     a product with it, while the sparse step's decode is an embedding bag over the entries and never needs it.
-    per_row: k where every row holds exactly k entries (TopK's codes, which the per-token paths view as (B, k)), else None."""
+    per_row: k where every row holds exactly k entries (TopK's codes, which the per-token paths view as (B, k)), else None.
+    kernels: the CPU kernels for the decode's embedding bag (bag_sum), or None."""
 
     def __init__(self, rows_E: torch.Tensor, idx_E: torch.Tensor, vals_E: torch.Tensor, shape: tuple[int, int],
-                 sparse: bool, per_row: int | None = None):
+                 sparse: bool, per_row: int | None = None, kernels=None):
         self.rows_E, self.idx_E, self.vals_E, self.shape, self.sparse = rows_E, idx_E, vals_E, shape, sparse
-        self.per_row = per_row
+        self.per_row, self.kernels = per_row, kernels
         self._latents_BF: torch.Tensor | None = None
 
     @property
@@ -244,7 +275,7 @@ class Codes:
         if lo > 0 or hi is not None:
             keep = (idx >= lo) & (idx < (W_dec_FD.shape[0] if hi is None else hi))
             rows, idx, vals = rows[keep], idx[keep], vals[keep]
-        return bag_sum(rows, idx, vals, W_dec_FD, self.shape[0])
+        return bag_sum(rows, idx, vals, W_dec_FD, self.shape[0], self.kernels)
 
 
 @dataclass
@@ -270,7 +301,7 @@ class Encoding:
     def codes(self, rows_E: torch.Tensor, idx_E: torch.Tensor, per_row: int | None = None) -> Codes:
         """f = ReLU(pre) kept at the given entries (sorted by row), zero elsewhere."""
         return Codes(rows_E, idx_E, self.selected_pre(rows_E, idx_E).relu(), tuple(self.pre_BF.shape), self.sparse,
-                     per_row)
+                     per_row, self.kernels)
 
     def dense_pre(self) -> torch.Tensor:
         """pre_BF, differentiable in both steps (the sparse step's fallback for codes it would not gain on)."""
