@@ -74,9 +74,10 @@ class ModelConfig:
                 "resid_post hooks only; 2.2x faster on a CPU) | transformer_lens | auto (hf for the embedded "
                 "model, where a test proves it equal, else transformer_lens). Evals always use TransformerLens")
     fused_kernels: bool = param(True, "C kernels on a CPU: fused bf16 RMSNorm, GELU-tanh x up and rotary in the hf harvest "
-                                      "of a Gemma-3 (1.6x faster LM batches), and the momentum / progressive penalty "
-                                      "over co-firing pairs in float32 (3x); built once with the system C compiler "
-                                      "($CC or cc); without one, torch's ops")
+                                      "of a Gemma-3 (1.6x faster LM batches), the momentum / progressive penalty "
+                                      "over co-firing pairs in float32 (3x), and the float32 sparse step's bag and "
+                                      "gradients (a TopK step 87 -> 64 ms at the quickstart's size); built once with "
+                                      "the system C compiler ($CC or cc); without one, torch's ops")
     cache_dir: str = param("", "cache for converted embedded weights and built kernels; '' = $SAE_WB_CACHE or "
                                "~/.cache/sae_workbench", path=True)
 
@@ -114,7 +115,8 @@ class SAEConfig:
         "float32", "SAE training matmuls: float32, bfloat16 (autocast; weights and Adam stay float32), or auto "
                    "(bfloat16 where the device multiplies bf16 natively, as model.dtype)")
     sparse_step: Literal["auto", "on", "off"] = param(
-        "auto", "TopK-family and JumpReLU trainers: the step that touches only the selected latents outside the encoder forward "
+        "auto", "TopK-family, ReLU and JumpReLU trainers: the step that touches only the selected latents (ReLU: the active "
+                "ones, while they are at most 8% of the batch's entries) outside the encoder forward "
                 "(embedding-bag decoder, sparse encoder backward; same loss and gradients as the dense one) | off "
                 "(dense) | auto (sparse except bfloat16 below 8192 latents, where the dense step measured faster)")
 
