@@ -281,3 +281,25 @@ def test_weighted_row_sums_and_row_dots_equal_the_dense_products(lib, B, D, n, e
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, got))
+
+
+@pytest.mark.parametrize("B, F, k_total", [(1024, 2048, 32 * 1024), (37, 50, 111), (64, 40, 2000), (8, 16, 1000),
+                                           (5, 7, 1)])
+def test_batch_topk_entries_equal_the_mask(lib, B, F, k_total):
+    """BatchTopK's kept entries by the radix select against batch_topk_mask(ReLU(pre)).nonzero(): real-valued pre;
+    values rounded to halves (many ties at the cutoff, some kept and some not: lowest flat indices first); more
+    places than positive entries (zeros kept from the lowest flat index on, -0.0 among them); more places than
+    entries; one."""
+    from workbench.sae_ops import batch_topk_mask
+    g = torch.Generator().manual_seed(B)
+    pre = torch.randn(B, F, generator=g)
+    if B < 1024:
+        pre = (pre * 2).round() / 2
+        pre[0, :3] = -0.0
+    rows, cols = cpu_kernels.batch_topk_entries(lib, pre, k_total)
+    ref_rows, ref_cols = batch_topk_mask(pre.relu(), k_total).nonzero(as_tuple=True)
+    assert rows.numel() == min(k_total, B * F)
+    assert torch.equal(rows, ref_rows) and torch.equal(cols, ref_cols)
+    if B == 37:  # the cutoff splits a run of ties
+        cut = pre.relu()[rows, cols].min()
+        assert (pre.relu() == cut).sum() > (pre.relu()[rows, cols] == cut).sum() > 0

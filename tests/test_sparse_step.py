@@ -69,11 +69,12 @@ def test_relu_sparse_step_equals_dense(name, max_density, monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here: the kernels are not built")
-@pytest.mark.parametrize("name", ["topk", "batchtopk", "jumprelu", "relu"])
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka", "jumprelu", "relu"])
 def test_sparse_step_with_the_cpu_kernels_equals_dense(name, tmp_path, monkeypatch):
     """The CPU kernels (workbench/cpu_kernels.py) for the decoder's embedding bag and the encoder's weight gradient in
-    place of torch's bag and dense @ CSR: the same check, for codes of fixed k (and AuxK's bag), batchtopk's and
-    jumprelu's varying counts per row, and relu's active entries."""
+    place of torch's bag and dense @ CSR (and batchtopk's selection): the same check, for codes of fixed k (and AuxK's
+    bag), batchtopk's (and matryoshka's bag into token x group rows) and jumprelu's varying counts per row, and relu's
+    active entries."""
     import trainers.relu
     from workbench import cpu_kernels
     monkeypatch.setattr(trainers.relu, "SPARSE_MAX_DENSITY", 1.0)

@@ -24,7 +24,7 @@ from trainers.base import StepOutput, Trainer, reconstruction_loss, register
 from trainers.topk import TopKConfig, auxk_loss
 from workbench import distributed
 from workbench.config import configclass, param
-from workbench.sae_ops import Codes, batch_topk_mask
+from workbench.sae_ops import Codes, Encoding, batch_topk_mask
 
 
 def global_batch_topk_mask(act_BF: torch.Tensor, k_total: int) -> torch.Tensor:
@@ -47,6 +47,17 @@ def global_batch_topk_mask(act_BF: torch.Tensor, k_total: int) -> torch.Tensor:
         take = min(max(0, short - int(ties_per_rank[:ctx.rank].sum())), ties.numel())
         keep.index_fill_(0, ties[:take], True)
     return keep.view_as(act_BF)
+
+
+def batch_topk_entries(enc: Encoding, k_total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, latents) of the entries BatchTopK keeps, row-major: by the CPU kernels in one process on float32 pre-
+    activations (a radix select; no B x F mask or ReLU'd copy: 3x faster at the quickstart's size, notes.txt
+    session 17), else global_batch_topk_mask's."""
+    pre_BF = enc.pre_BF.detach()
+    if enc.kernels is not None and not distributed.ctx().data_parallel and pre_BF.dtype == torch.float32:
+        from workbench.cpu_kernels import batch_topk_entries as by_kernel
+        return by_kernel(enc.kernels, pre_BF.contiguous(), k_total)
+    return global_batch_topk_mask(pre_BF.relu(), k_total).nonzero(as_tuple=True)
 
 
 @configclass
@@ -81,8 +92,7 @@ class BatchTopKTrainer(Trainer):
     def loss(self, acts_BD: torch.Tensor, progress: float) -> StepOutput:
         cfg = self.cfg
         enc = self.encode(acts_BD)
-        codes = enc.mask_codes(global_batch_topk_mask(enc.pre_BF.detach().relu(),
-                                                      cfg.k * acts_BD.shape[0] * distributed.batch_scale()))
+        codes = enc.codes(*batch_topk_entries(enc, cfg.k * acts_BD.shape[0] * distributed.batch_scale()))
         l_recon, parts, recon_BD = self.reconstruction(acts_BD, codes)
         k_aux = cfg.k_aux or acts_BD.shape[1] // 2
         l_aux = auxk_loss((acts_BD - recon_BD).detach(), enc, self.dead_mask_F, k_aux, self.sae.W_dec)

@@ -59,18 +59,15 @@ class MatryoshkaTrainer(BatchTopKTrainer):
         super().__init__(cfg, **kw)
         self.ends = group_ends(cfg.group_fractions, self.sae.d_sae)
         G = len(self.ends)
-        self.weights = [float(w) for w in cfg.group_weights] if cfg.group_weights else [1.0 / G] * G
+        weights = [float(w) for w in cfg.group_weights] if cfg.group_weights else [1.0 / G] * G
+        self.weights_G = torch.tensor(weights, device=self.sae.W_dec.device)
 
     def reconstruction(self, acts_BD: torch.Tensor, codes: Codes):
-        W_dec, loss, start = self.sae.W_dec, 0.0, 0
-        recon_BD = self.sae.b_dec.expand_as(acts_BD)
-        prefix_losses = []
-        for end, w in zip(self.ends, self.weights):  # x_hat_g = x_hat_{g-1} + group g's part: one pass over W_dec
-            recon_BD = recon_BD + codes.decode(W_dec, start, end).to(recon_BD.dtype)
-            l_g = (acts_BD - recon_BD).pow(2).sum(dim=-1).mean()
-            prefix_losses.append(l_g.detach())
-            loss = loss + w * l_g
-            start = end
-        parts = {"recon": prefix_losses[-1], "matryoshka": loss.detach()}
-        parts.update({f"recon_prefix{g + 1}": v for g, v in enumerate(prefix_losses[:-1])})
-        return loss, parts, recon_BD
+        # x_hat_g = b_dec + sum over groups h <= g of group h's part: one pass over W_dec for all prefixes
+        parts_BGD = codes.decode_groups(self.sae.W_dec, self.ends).to(self.sae.b_dec.dtype)
+        recon_BGD = self.sae.b_dec + parts_BGD.cumsum(dim=1)
+        prefix_losses_G = (acts_BD[:, None] - recon_BGD).pow(2).sum(dim=-1).mean(dim=0)
+        loss = (prefix_losses_G * self.weights_G).sum()
+        parts = {"recon": prefix_losses_G[-1].detach(), "matryoshka": loss.detach()}
+        parts.update({f"recon_prefix{g + 1}": v for g, v in enumerate(prefix_losses_G.detach()[:-1])})
+        return loss, parts, recon_BGD[:, -1]

@@ -277,6 +277,17 @@ class Codes:
             rows, idx, vals = rows[keep], idx[keep], vals[keep]
         return bag_sum(rows, idx, vals, W_dec_FD, self.shape[0], self.kernels)
 
+    def decode_groups(self, W_dec_FD: torch.Tensor, ends: list[int]) -> torch.Tensor:
+        """(B, G, D): part g = sum over latents ends[g-1]..ends[g]-1 (from 0 for g = 0) of f_i d_i (no bias). With the
+        CPU kernels one bag over all entries into B x G rows (each entry's row b G + its group), where a bag per group
+        would pick each group's entries out of all of them first."""
+        if self.sparse and self.kernels is not None and _kernels_apply(W_dec_FD, self.vals_E):
+            B, G = self.shape[0], len(ends)
+            group_E = torch.bucketize(self.idx_E, torch.tensor(ends, device=self.idx_E.device), right=True)
+            return _KernelBag.apply(self.vals_E, W_dec_FD, self.rows_E * G + group_E, self.idx_E, B * G,
+                                    self.kernels).view(B, G, -1)
+        return torch.stack([self.decode(W_dec_FD, lo, hi) for lo, hi in zip([0] + ends[:-1], ends)], dim=1)
+
 
 @dataclass
 class Encoding:
