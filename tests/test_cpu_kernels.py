@@ -1,9 +1,11 @@
-"""The fused bf16 CPU kernels (workbench/cpu_kernels.c) against transformers' Gemma-3 modules and a float64
-reference: RMSNorm equal to the module's bf16 output up to one bf16 step of its float32 sums, GELU-tanh x up
-at least as close to the exactly rounded function as torch's own bf16 ops, the rotary embedding bit-identical;
-and the fallback without a compiler."""
+"""The fused bf16 and float32 CPU kernels (workbench/cpu_kernels.c) against transformers' Gemma-3 modules and a
+float64 reference: RMSNorm equal to the module's output up to one step of the element type (its float32 sums run
+in another order), GELU-tanh x up at least as close to the exactly rounded function as torch's own ops, the rotary
+embedding bit-identical; and the fallback without a compiler."""
 import dataclasses
+import functools
 import shutil
+import unittest.mock
 
 import pytest
 import torch
@@ -28,23 +30,35 @@ def bf16_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs() / (b.abs() * 2.0**-7).clamp_min(1e-30)
 
 
+def float32_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units of b's float32 spacing (2^-23 relative)."""
+    a, b = a.double(), b.double()
+    return (a - b).abs() / (b.abs() * 2.0**-23).clamp_min(1e-300)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape, scale, transposed", [((4, 33, 640), 3000.0, False), ((4, 9, 4, 256), 1.0, True)])
-def test_rms_norm_equals_gemma3s_module(lib, shape, scale, transposed):
+def test_rms_norm_equals_gemma3s_module(lib, shape, scale, transposed, dtype):
     """Residual-stream norms (rows of 640, norms in the thousands) and the q/k norms (rows of head_dim 256, on the
     attention's (B, H, T, d_head) transpose of a (B, T, H, d_head) tensor)."""
     g = torch.Generator().manual_seed(0)
     norm = Gemma3RMSNorm(shape[-1], eps=1e-6)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(shape[-1], generator=g) * 0.5)
-    x = (torch.randn(*shape, generator=g) * scale).bfloat16()
+    x = (torch.randn(*shape, generator=g) * scale).to(dtype)
     if transposed:
         x = x.transpose(1, 2)
         assert not x.is_contiguous() and cpu_kernels._rows_tile_memory(x)
     ref = norm(x)
     got = cpu_kernels.rms_norm(lib, x, (1.0 + norm.weight.detach().float()).contiguous(), norm.eps)
-    assert got.dtype == torch.bfloat16 and got.shape == ref.shape and got.stride() == x.stride()
-    assert (got == ref).float().mean() > 0.999  # the float32 sum of squares is added in another order
-    assert bf16_steps(got, ref).max() <= 1.0
+    assert got.dtype == dtype and got.shape == ref.shape and got.stride() == x.stride()
+    if dtype == torch.bfloat16:  # the float32 sum of squares is added in another order: at most one bf16 step
+        assert (got == ref).float().mean() > 0.999
+        assert bf16_steps(got, ref).max() <= 1.0
+    else:  # the same order changes the last bits; against float64, as close as the module
+        assert float32_steps(got, ref).max() <= 8.0
+        exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + norm.eps) * (1 + norm.weight.double())
+        assert float32_steps(got, exact).max() <= 8.0 and float32_steps(ref, exact).max() <= 8.0
 
 
 def test_gelu_tanh_times_up_is_as_close_to_the_exact_function_as_torch(lib):
@@ -68,16 +82,36 @@ def test_gelu_tanh_times_up_is_as_close_to_the_exact_function_as_torch(lib):
     assert nan[0].isnan() and nan[1] == mlp.act_fn(torch.tensor([1.0]).bfloat16())[0]
 
 
-def test_fused_modules_equal_the_stock_modules_and_fall_back_off_bf16(lib):
-    """fuse_gemma3 reroutes only Gemma-3's norms and GELU-tanh MLPs (and, once, the rotary function); a float32
-    input takes the stock forward."""
+def test_gelu_tanh_times_up_in_float32_is_within_a_few_steps_of_the_exact_function(lib):
+    """torch's float32 0.5 g (1 + tanh(z)) loses the far negative tail to cancellation (relative error up to 1
+    there); the kernel's g / (1 + e^(-2z)) keeps it."""
+    g = torch.Generator().manual_seed(1)
+    gate, up = torch.randn(64, 4096, generator=g) * 3, torch.randn(64, 4096, generator=g)
+    got = cpu_kernels.gelu_tanh_mul(lib, gate, up)
+    x = gate.double()
+    exact = x * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)) * up.double()
+    assert got.dtype == torch.float32
+    normal = exact.abs() > 1e-30  # beyond, float32 underflows (both are ~0)
+    steps = float32_steps(got, exact)[normal]
+    assert steps.median() <= 1.0
+    assert steps.max() <= 128.0  # e^(-2z) to 2e-7 relative, amplified in the far tail (62 here, at g ~ -8)
+    center = normal & (gate.abs() < 2)  # where torch's form has no cancellation: both within a few steps (4 and 8)
+    assert float32_steps(got, exact)[center].max() <= 8.0
+    torch_err = float32_steps(Gemma3MLP(Gemma3TextConfig(hidden_size=8, intermediate_size=8,
+                                                         hidden_activation="gelu_pytorch_tanh")).act_fn(gate) * up, exact)
+    assert torch_err[normal].max() > 1e5 > steps.max()  # the tail torch loses (2^23 steps: it returns 0)
+
+
+def test_fused_modules_equal_the_stock_modules_and_fall_back_off_their_types(lib):
+    """fuse_gemma3 reroutes only Gemma-3's norms and GELU-tanh MLPs (and, once, the rotary function), for bf16 and
+    float32 inputs; a float16 input takes the stock forward."""
     cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, hidden_activation="gelu_pytorch_tanh")
     torch.manual_seed(0)
     stack = torch.nn.Sequential(Gemma3RMSNorm(64), Gemma3MLP(cfg), torch.nn.Linear(64, 64)).bfloat16()
     with torch.no_grad():
         stack[0].weight.normal_()
     x = torch.randn(3, 5, 64).bfloat16()
-    ref16, ref32 = stack(x), stack.float()(x.float())
+    ref16, ref32, ref_half = stack(x), stack.float()(x.float()), stack.half()(x.half())
     stack.bfloat16()
     assert cpu_kernels.fuse_gemma3(stack, lib) == 2
     from transformers.models.gemma3 import modeling_gemma3
@@ -87,7 +121,10 @@ def test_fused_modules_equal_the_stock_modules_and_fall_back_off_bf16(lib):
     got16 = stack(x)
     assert bf16_steps(got16, ref16).max() <= 4.0  # a few bf16 steps through the MLP's matmul
     assert (got16 == ref16).float().mean() > 0.95
-    torch.testing.assert_close(stack.float()(x.float()), ref32)  # float32: the modules' own ops
+    got32 = stack.float()(x.float())
+    assert not torch.equal(got32, ref32)  # the kernels ran: the last bits differ (a few steps, through the matmul)
+    torch.testing.assert_close(got32, ref32, rtol=1e-5, atol=1e-6)
+    assert torch.equal(stack.half()(x.half()), ref_half)  # float16: the modules' own ops
 
 
 def test_rotary_is_bit_identical_to_transformers_and_falls_back(lib):
@@ -97,16 +134,28 @@ def test_rotary_is_bit_identical_to_transformers_and_falls_back(lib):
     original = getattr(modeling_gemma3.apply_rotary_pos_emb, "original", modeling_gemma3.apply_rotary_pos_emb)
     fused = cpu_kernels._fused_rotary(original, lib)
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(3, 17, 4, 64, generator=g).bfloat16().transpose(1, 2)
-    k = torch.randn(3, 17, 1, 64, generator=g).bfloat16().transpose(1, 2)
+    q = torch.randn(3, 17, 4, 64, generator=g).transpose(1, 2)
+    k = torch.randn(3, 17, 1, 64, generator=g).transpose(1, 2)
     angle = torch.randn(3, 17, 64, generator=g) * 3
-    cos, sin = angle.cos().bfloat16(), angle.sin().bfloat16()
-    for got, ref in zip(fused(q, k, cos, sin), original(q, k, cos, sin)):
-        assert torch.equal(got, ref)
-        assert [st for st, n in zip(got.stride(), got.shape) if n > 1] == [st for st, n in zip(ref.stride(), ref.shape) if n > 1]
-    for args in [(q.float(), k.float(), cos.float(), sin.float()),  # float32: the original's own ops
-                 (q, k, cos[:1], sin[:1])]:  # one position table broadcast over the batch: not the kernel's layout
-        assert all(torch.equal(a, b) for a, b in zip(fused(*args), original(*args)))
+    calls = []
+    spy = functools.partial(lambda f, *a: calls.append(1) or f(*a), cpu_kernels.rope)
+    for dtype in (torch.bfloat16, torch.float32):
+        q_, k_, cos, sin = q.to(dtype), k.to(dtype), angle.cos().to(dtype), angle.sin().to(dtype)
+        # the batch's own tables, and one table for every row (transformers' when the positions are one range)
+        for c, s in [(cos, sin), (cos[:1], sin[:1])]:
+            with unittest.mock.patch.object(cpu_kernels, "rope", spy):
+                got_qk = fused(q_, k_, c, s)
+            for got, ref in zip(got_qk, original(q_, k_, c, s)):
+                assert got.dtype == dtype and torch.equal(got, ref)
+                assert [st for st, n in zip(got.stride(), got.shape) if n > 1] == [st for st, n in zip(ref.stride(), ref.shape) if n > 1]
+    assert len(calls) == 8  # q and k, by the kernel each time
+    half = (q.half(), k.half(), angle.cos().half(), angle.sin().half())  # float16: the original's own ops
+    mixed = (q, k, angle.cos().bfloat16(), angle.sin().bfloat16())  # types that differ: the original's promotion
+    for args in (half, mixed):
+        with unittest.mock.patch.object(cpu_kernels, "rope", spy):
+            got_qk = fused(*args)
+        assert all(torch.equal(a, b) for a, b in zip(got_qk, original(*args)))
+    assert len(calls) == 8
 
 
 def test_rows_tile_memory():
@@ -114,7 +163,7 @@ def test_rows_tile_memory():
     assert cpu_kernels._rows_tile_memory(x) and cpu_kernels._rows_tile_memory(x.transpose(1, 2))
     assert not cpu_kernels._rows_tile_memory(x.transpose(2, 3))  # rows strided
     assert not cpu_kernels._rows_tile_memory(x[:, :, :2])  # gaps between rows
-    assert not cpu_kernels._rows_tile_memory(x.float())
+    assert cpu_kernels._rows_tile_memory(x.float()) and not cpu_kernels._rows_tile_memory(x.half())
 
 
 def test_no_compiler_gives_the_reason_and_the_harvest_keeps_torchs_ops(tmp_path, monkeypatch):
@@ -134,7 +183,8 @@ def test_no_compiler_gives_the_reason_and_the_harvest_keeps_torchs_ops(tmp_path,
     other = dataclasses.replace(model, cache_dir=str(tmp_path / "other"))
     assert lm.harvest_label(other, cpu) == "hf+fused_cpu_kernels"
     assert lm.harvest_label(dataclasses.replace(other, fused_kernels=False), cpu) == "hf"
-    assert lm.harvest_label(dataclasses.replace(other, dtype="float32"), cpu) == "hf"
+    assert lm.harvest_label(dataclasses.replace(other, dtype="float32"), cpu) == "hf+fused_cpu_kernels"
+    assert lm.harvest_label(dataclasses.replace(other, dtype="float16"), cpu) == "hf"
     assert lm.harvest_label(other, torch.device("cuda")) == "hf"
     # the trainers' pair kernel is float32: the library loads for any CPU run with the key on
     assert lm.cpu_kernels_for(dataclasses.replace(other, dtype="float32"), cpu) is not None

@@ -2,11 +2,13 @@
 TransformerLens's, on the embedded Gemma-3-270M and real held-out text."""
 import dataclasses
 import shutil
+import unittest.mock
 
 import pytest
 
 import evals  # noqa: F401  (registers the evals with the config loader)
 import trainers  # noqa: F401
+from workbench import cpu_kernels
 from workbench.activations import special_mask
 from workbench.config import load_config
 from workbench.lm import HFHookForward, TLHookForward, harvest_path, load_hook_forward, load_lm, special_token_ids
@@ -60,7 +62,11 @@ def test_hf_forward_in_bfloat16_is_as_close_to_float32_as_transformer_lens(forwa
     err_tl = rel_err(fwd["transformer_lens", "bfloat16"](tokens_BT)[keep_BT], ref)
     # bf16 on a CPU: the fused kernels (7 layers x (4 residual norms, q and k norms, the MLP) = 49 modules)
     assert fwd["hf", "bfloat16"].fused_modules == (49 if shutil.which("cc") else 0)
-    assert fwd["hf", "float32"].fused_modules == 0
+    assert fwd["hf", "float32"].fused_modules == (49 if shutil.which("cc") else 0)  # float32 too (the test above)
+    for dtype in ("float32", "bfloat16"):  # and the rotary kernel runs, on transformers' (1, T, d) position table
+        with unittest.mock.patch.object(cpu_kernels, "rope", wraps=cpu_kernels.rope) as rope:
+            fwd["hf", dtype](tokens_BT[:2])
+        assert rope.call_count == (2 * 7 if shutil.which("cc") else 0)  # q and k in each of the 7 layers
     err_hf = rel_err(fwd["hf", "bfloat16"](tokens_BT)[keep_BT], ref)
     assert err_tl < 0.05 and err_hf < 0.05, (err_tl, err_hf)  # bf16 keeps 8 mantissa bits; 18 ops deep
     assert err_hf <= 1.25 * err_tl, (err_hf, err_tl)

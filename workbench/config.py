@@ -73,8 +73,8 @@ class ModelConfig:
         "auto", "the training harvest's LM forward: hf (the HuggingFace model cut after the hook's layer; "
                 "resid_post hooks only; 2.2x faster on a CPU) | transformer_lens | auto (hf for the embedded "
                 "model, where a test proves it equal, else transformer_lens). Evals always use TransformerLens")
-    fused_kernels: bool = param(True, "C kernels on a CPU: fused bf16 RMSNorm, GELU-tanh x up and rotary in the hf harvest "
-                                      "of a Gemma-3 (1.6x faster LM batches), the momentum / progressive penalty "
+    fused_kernels: bool = param(True, "C kernels on a CPU: fused RMSNorm, GELU-tanh x up and rotary in the hf harvest of a "
+                                      "Gemma-3 (LM batches 1.6x faster in bf16, ~1.1x in float32), the momentum / progressive penalty "
                                       "over co-firing pairs in float32 (3x), and the float32 sparse step's bag and "
                                       "gradients (a TopK step 87 -> 64 ms at the quickstart's size); built once with "
                                       "the system C compiler ($CC or cc); without one, torch's ops")

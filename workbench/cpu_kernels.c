@@ -1,6 +1,6 @@
-/* CPU kernels (workbench/cpu_kernels.py). Fused bfloat16 kernels for the training harvest's HuggingFace forward:
-   eager torch runs each as 5-8 elementwise passes with float32 copies between them; here each element is read
-   once, computed in float32 and rounded to bfloat16 once, as torch rounds at the same places. And the
+/* CPU kernels (workbench/cpu_kernels.py). Fused bfloat16 and float32 kernels for the training harvest's HuggingFace
+   forward: eager torch runs each as 5-8 elementwise passes (in bf16 with float32 copies between them); here each
+   element is read once, computed in float32 and rounded as torch rounds at the same places. And the
    competition trainers' penalty over their co-firing pairs only (pair_rows_abs_cosine_f32 over a table of pairs,
    token_pairs_abs_cosine_f32 token by token), and the sparse step's sums over its entries (at the end). */
 #include <stdint.h>
@@ -35,69 +35,115 @@ static inline float exp_approx(float x) {
     return p * two_n;
 }
 
-/* Gemma's RMSNorm over rows of length d: out = bf16(x * rsqrt(mean(x^2) + eps) * scale), scale = 1 + weight
-   (float32), all in float32 as transformers' Gemma3RMSNorm computes it. */
+/* The harvest's kernels take bfloat16 or float32 elements: each computes in float32, and where the bf16 ops of
+   torch round an intermediate to bf16 the bf16 version rounds it too (round_as), so one body serves both; the
+   exported functions below pass the element type as a constant, which the compiler folds into each version. */
+static inline float load_as(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_as(void *p, int64_t i, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = float_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+static inline float round_as(float v, int bf16) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+
+/* Gemma's RMSNorm of one row of length d: out = x * rsqrt(mean(x^2) + eps) * scale, scale = 1 + weight (float32),
+   all in float32 as transformers' Gemma3RMSNorm computes it, rounded once to the element type. */
+static inline void rms_norm_row(const void *x, const float *scale, void *out, int64_t d, float eps, int bf16) {
+    float sum_sq = 0.f;
+    #pragma omp simd reduction(+:sum_sq)
+    for (int64_t i = 0; i < d; i++) {
+        float v = load_as(x, i, bf16);
+        sum_sq += v * v;
+    }
+    float inv_rms = 1.f / __builtin_sqrtf(sum_sq / (float)d + eps);
+    for (int64_t i = 0; i < d; i++)
+        store_as(out, i, (load_as(x, i, bf16) * inv_rms) * scale[i], bf16);
+}
+
 void rms_norm_bf16(const uint16_t *x, const float *scale, uint16_t *out, int64_t rows, int64_t d, float eps) {
     #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *x_row = x + r * d;
-        uint16_t *out_row = out + r * d;
-        float sum_sq = 0.f;
-        #pragma omp simd reduction(+:sum_sq)
-        for (int64_t i = 0; i < d; i++) {
-            float v = bf16_to_float(x_row[i]);
-            sum_sq += v * v;
-        }
-        float inv_rms = 1.f / __builtin_sqrtf(sum_sq / (float)d + eps);
-        for (int64_t i = 0; i < d; i++)
-            out_row[i] = float_to_bf16((bf16_to_float(x_row[i]) * inv_rms) * scale[i]);
-    }
+    for (int64_t r = 0; r < rows; r++)
+        rms_norm_row(x + r * d, scale, out + r * d, d, eps, 1);
 }
 
-/* The gated MLP's elementwise part: out = bf16(bf16(gelu_tanh(gate)) * up), gelu_tanh(g) = 0.5 g (1 + tanh(z)),
-   z = sqrt(2/pi) (g + 0.044715 g^3), computed as g / (1 + e^(-2z)) (the same function). The act is rounded to
-   bf16 before the product, as transformers' act_fn(gate) * up rounds it. */
-void gelu_tanh_mul_bf16(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t n) {
-    const int64_t block = 16384;
+void rms_norm_f32(const float *x, const float *scale, float *out, int64_t rows, int64_t d, float eps) {
     #pragma omp parallel for schedule(static)
-    for (int64_t start = 0; start < n; start += block) {
-        int64_t end = start + block < n ? start + block : n;
-        for (int64_t i = start; i < end; i++) {
-            float g = bf16_to_float(gate[i]);
-            float two_z = 1.5957691216057308f * (g + 0.044715f * g * g * g);
-            float act = g / (1.f + exp_approx(-two_z));
-            out[i] = float_to_bf16(bf16_to_float(float_to_bf16(act)) * bf16_to_float(up[i]));
-        }
+    for (int64_t r = 0; r < rows; r++)
+        rms_norm_row(x + r * d, scale, out + r * d, d, eps, 0);
+}
+
+/* The gated MLP's elementwise part over elements [start, end): out = act * up, act = gelu_tanh(gate) (in bf16
+   rounded before the product, as transformers' act_fn(gate) * up rounds it), gelu_tanh(g) = 0.5 g (1 + tanh(z)),
+   z = sqrt(2/pi) (g + 0.044715 g^3), computed as g / (1 + e^(-2z)) (the same function). */
+static inline void gelu_tanh_mul_span(const void *gate, const void *up, void *out, int64_t start, int64_t end, int bf16) {
+    for (int64_t i = start; i < end; i++) {
+        float g = load_as(gate, i, bf16);
+        float two_z = 1.5957691216057308f * (g + 0.044715f * g * g * g);
+        float act = g / (1.f + exp_approx(-two_z));
+        store_as(out, i, round_as(act, bf16) * load_as(up, i, bf16), bf16);
     }
 }
 
-/* Rotary position embedding of x (B, H, T, d) in place of transformers' apply_rotary_pos_emb:
-   out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), rotate_half(x) = (-x[d/2:], x[:d/2]); each op rounded
-   to bf16 where torch's bf16 ops round, so the result is bit-identical. x and out share strides (elements) for
-   B, H, T, their rows contiguous; cos and sin are contiguous (B, T, d). */
-void rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out, int64_t B, int64_t H,
-               int64_t T, int64_t d, int64_t stride_b, int64_t stride_h, int64_t stride_t) {
+#define GELU_BLOCK 16384
+
+void gelu_tanh_mul_bf16(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t n) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t start = 0; start < n; start += GELU_BLOCK)
+        gelu_tanh_mul_span(gate, up, out, start, start + GELU_BLOCK < n ? start + GELU_BLOCK : n, 1);
+}
+
+void gelu_tanh_mul_f32(const float *gate, const float *up, float *out, int64_t n) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t start = 0; start < n; start += GELU_BLOCK)
+        gelu_tanh_mul_span(gate, up, out, start, start + GELU_BLOCK < n ? start + GELU_BLOCK : n, 0);
+}
+
+/* Rotary position embedding of one row of length d in place of transformers' apply_rotary_pos_emb:
+   out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[d/2:], x[:d/2]), each product and the sum rounded
+   where torch's ops round, so the result is bit-identical: round_as in bf16; in float32 no fused multiply-add
+   (fp-contract off here and in the callers it is inlined into: one rounding where torch has two). */
+#define NO_FMA __attribute__((optimize("fp-contract=off")))
+
+static inline NO_FMA float rope_elem(float x, float rotated, float c, float s, int bf16) {
+    return round_as(x * c, bf16) + round_as(rotated * s, bf16);
+}
+
+static inline NO_FMA void rope_row(const void *x, const void *c, const void *s, void *o, int64_t d, int bf16) {
     const int64_t half = d / 2;
-    #pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < H; h++) {
-            for (int64_t t = 0; t < T; t++) {
-                const int64_t at = b * stride_b + h * stride_h + t * stride_t;
-                const uint16_t *x_row = x + at, *c = cos + (b * T + t) * d, *s = sin + (b * T + t) * d;
-                uint16_t *o = out + at;
-                for (int64_t i = 0; i < half; i++) {
-                    float rotated = -bf16_to_float(x_row[i + half]);
-                    o[i] = float_to_bf16(bf16_to_float(float_to_bf16(bf16_to_float(x_row[i]) * bf16_to_float(c[i])))
-                                         + bf16_to_float(float_to_bf16(rotated * bf16_to_float(s[i]))));
-                }
-                for (int64_t i = half; i < d; i++) {
-                    float rotated = bf16_to_float(x_row[i - half]);
-                    o[i] = float_to_bf16(bf16_to_float(float_to_bf16(bf16_to_float(x_row[i]) * bf16_to_float(c[i])))
-                                         + bf16_to_float(float_to_bf16(rotated * bf16_to_float(s[i]))));
-                }
+    for (int64_t i = 0; i < half; i++)
+        store_as(o, i, rope_elem(load_as(x, i, bf16), -load_as(x, i + half, bf16), load_as(c, i, bf16),
+                                 load_as(s, i, bf16), bf16), bf16);
+    for (int64_t i = half; i < d; i++)
+        store_as(o, i, rope_elem(load_as(x, i, bf16), load_as(x, i - half, bf16), load_as(c, i, bf16),
+                                 load_as(s, i, bf16), bf16), bf16);
+}
+
+/* x and out (B, H, T, d) share strides (elements) for B, H, T, their rows contiguous; cos and sin are contiguous
+   (B, T, d), or (1, T, d) for every batch row with cos_stride_b 0 (transformers' position table when the batch's
+   positions are one range). */
+#define ROPE_ROWS(ELEM, BF16)                                                                                      \
+    _Pragma("omp parallel for collapse(2) schedule(static)")                                                      \
+    for (int64_t b = 0; b < B; b++)                                                                                \
+        for (int64_t h = 0; h < H; h++)                                                                            \
+            for (int64_t t = 0; t < T; t++) {                                                                      \
+                const int64_t at = b * stride_b + h * stride_h + t * stride_t, pos = b * cos_stride_b + t * d;    \
+                rope_row((const ELEM *)x + at, (const ELEM *)cos + pos, (const ELEM *)sin + pos, (ELEM *)out + at, \
+                         d, BF16);                                                                                 \
             }
-        }
-    }
+
+NO_FMA void rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, uint16_t *out, int64_t B, int64_t H,
+               int64_t T, int64_t d, int64_t stride_b, int64_t stride_h, int64_t stride_t, int64_t cos_stride_b) {
+    ROPE_ROWS(uint16_t, 1)
+}
+
+NO_FMA void rope_f32(const float *x, const float *cos, const float *sin, float *out, int64_t B, int64_t H, int64_t T,
+              int64_t d, int64_t stride_b, int64_t stride_h, int64_t stride_t, int64_t cos_stride_b) {
+    ROPE_ROWS(float, 0)
 }
 
 #define PAIR_BLOCK 8  /* partners per pass: eight dot chains, the gradient row stored once per eight */

@@ -1,4 +1,4 @@
-"""CPU kernels (cpu_kernels.c): fused bfloat16 kernels for the training harvest's HuggingFace Gemma-3 forward,
+"""CPU kernels (cpu_kernels.c): fused bfloat16 and float32 kernels for the training harvest's HuggingFace Gemma-3 forward,
 each one pass: RMSNorm, GELU-tanh times the up projection, and the rotary embedding; and the competition
 trainers' penalty over their co-firing pairs (pair_table_rows and pair_rows_abs_cosine over the table of pairs;
 token_pairs_abs_cosine token by token). Eager torch has no fused CPU kernels for the first three: it ran them as
@@ -68,7 +68,9 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.gelu_tanh_mul_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64]
-    lib.rope_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7
+    lib.rope_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 8
+    lib.rms_norm_f32.argtypes, lib.gelu_tanh_mul_f32.argtypes = lib.rms_norm_bf16.argtypes, lib.gelu_tanh_mul_bf16.argtypes
+    lib.rope_f32.argtypes = lib.rope_bf16.argtypes
     lib.pair_rows_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
     lib.pair_rows_abs_cosine_f32.restype = ctypes.c_double
     lib.pair_table_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4
@@ -82,14 +84,25 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     return lib
 
 
-def _bf16_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+HARVEST_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}  # the fused kernels' element types: name suffix
+
+
+def _fusable_cpu(*tensors: torch.Tensor) -> bool:
+    """Contiguous on a CPU, all of one of the kernels' element types (HARVEST_DTYPES)."""
+    return (tensors[0].dtype in HARVEST_DTYPES
+            and all(t.dtype == tensors[0].dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors))
+
+
+def _kernel(lib: ctypes.CDLL, name: str, x: torch.Tensor):
+    """The kernel `name` for x's element type: name_bf16 or name_f32."""
+    return getattr(lib, f"{name}_{HARVEST_DTYPES[x.dtype]}")
 
 
 def _rows_tile_memory(x: torch.Tensor) -> bool:
-    """bf16 on a CPU, its last dim contiguous and the tensor dense in some dim order (e.g. the attention's
-    q, transposed to (B, H, T, d_head)): memory is then its rows of the last dim, one after another."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(-1) != 1:
+    """One of the kernels' element types on a CPU, its last dim contiguous and the tensor dense in some dim order
+    (e.g. the attention's q, transposed to (B, H, T, d_head)): memory is then its rows of the last dim, one after
+    another."""
+    if x.dtype not in HARVEST_DTYPES or x.device.type != "cpu" or x.stride(-1) != 1:
         return False
     expected = 1
     for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
@@ -100,29 +113,33 @@ def _rows_tile_memory(x: torch.Tensor) -> bool:
 
 
 def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gemma's RMSNorm of bf16 x over its last dim (rows tiling memory: _rows_tile_memory); scale = 1 + weight
-    (float32, contiguous). The output has x's strides (empty_like keeps a dense layout)."""
+    """Gemma's RMSNorm of bf16 or float32 x over its last dim (rows tiling memory: _rows_tile_memory); scale =
+    1 + weight (float32, contiguous). The output has x's strides (empty_like keeps a dense layout)."""
     out = torch.empty_like(x)
     assert out.stride() == x.stride()
     d = x.shape[-1]
-    lib.rms_norm_bf16(x.data_ptr(), scale.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
+    _kernel(lib, "rms_norm", x)(x.data_ptr(), scale.data_ptr(), out.data_ptr(), x.numel() // d, d, eps)
     return out
 
 
 def gelu_tanh_mul(lib: ctypes.CDLL, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """bf16(bf16(gelu_tanh(gate)) * up) for contiguous bf16 tensors of one shape."""
+    """gelu_tanh(gate) * up for contiguous tensors of one shape and type (_fusable_cpu); in bf16 the act is rounded
+    to bf16 before the product, as transformers rounds it."""
     out = torch.empty_like(gate)
-    lib.gelu_tanh_mul_bf16(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    _kernel(lib, "gelu_tanh_mul", gate)(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
     return out
 
 
 def rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' rotary embedding of bf16 x (B, H, T, d; rows tiling memory) with contiguous bf16 cos, sin
-    (B, T, d): bit-identical to x * cos + rotate_half(x) * sin, in x's strides."""
+    """transformers' rotary embedding of x (B, H, T, d; rows tiling memory) with contiguous cos, sin (B, T, d) or
+    (1, T, d) (one table for every row), all bf16 or all float32: bit-identical to x * cos + rotate_half(x) * sin,
+    in x's strides."""
     out = torch.empty_like(x)
     assert out.stride() == x.stride()
     B, H, T, d = x.shape
-    lib.rope_bf16(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), B, H, T, d, *x.stride()[:3])
+    assert cos.shape == sin.shape and cos.shape[0] in (1, B) and cos.shape[1:] == (T, d)
+    _kernel(lib, "rope", x)(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), B, H, T, d, *x.stride()[:3],
+                            0 if cos.shape[0] == 1 else T * d)
     return out
 
 
@@ -246,12 +263,15 @@ def batch_topk_entries(lib: ctypes.CDLL, pre_BF: torch.Tensor, k_total: int) -> 
 
 
 def _fused_rotary(original, lib: ctypes.CDLL):
-    """transformers' Gemma-3 apply_rotary_pos_emb, with the fused kernel where its inputs suit it (bf16 on a CPU,
-    (B, H, T, d) rows tiling memory, cos / sin (B, T, d) contiguous), else the original."""
+    """transformers' Gemma-3 apply_rotary_pos_emb, with the fused kernel where its inputs suit it (bf16 or float32
+    on a CPU, (B, H, T, d) rows tiling memory, cos / sin (B or 1, T, d) contiguous, all of one type), else the
+    original."""
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        suits = (unsqueeze_dim == 1 and q.dim() == k.dim() == 4 and cos.shape == sin.shape == (q.shape[0], q.shape[2], q.shape[3])
+        suits = (unsqueeze_dim == 1 and q.dim() == k.dim() == 4 and cos.shape == sin.shape
+                 and cos.shape in ((q.shape[0], q.shape[2], q.shape[3]), (1, q.shape[2], q.shape[3]))
                  and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:] and q.shape[3] % 2 == 0
-                 and all(_rows_tile_memory(t) for t in (q, k)) and _bf16_cpu(cos, sin))
+                 and all(_rows_tile_memory(t) for t in (q, k)) and _fusable_cpu(cos, sin)
+                 and q.dtype == k.dtype == cos.dtype)
         if not suits:
             return original(q, k, cos, sin, unsqueeze_dim)
         return rope(lib, q, cos, sin), rope(lib, k, cos, sin)
@@ -267,7 +287,7 @@ def _norm_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
-    if not _bf16_cpu(gate, up):
+    if not _fusable_cpu(gate, up):
         return self.down_proj(self.act_fn(gate) * up)
     return self.down_proj(gelu_tanh_mul(self._fused_lib, gate, up))
 
@@ -275,7 +295,7 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 def fuse_gemma3(stack: torch.nn.Module, lib: ctypes.CDLL) -> int:
     """Route a Gemma-3 decoder stack's RMSNorms (residual, q and k norms) and GELU-tanh MLPs through the kernels,
     on this instance only (the evals' TransformerLens model is untouched). Returns how many modules changed.
-    Other inputs (not bf16 on a CPU, or laid out otherwise) take the module's own forward."""
+    Other inputs (not bf16 or float32 on a CPU, or laid out otherwise) take the module's own forward."""
     from transformers.models.gemma3 import modeling_gemma3
     from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP, Gemma3RMSNorm
 

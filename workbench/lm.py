@@ -250,8 +250,9 @@ def cpu_kernels_for(cfg: ModelConfig, device: torch.device):
 
 
 def fused_kernels(cfg: ModelConfig, device: torch.device):
-    """The CPU kernels where the hf harvest runs a Gemma-3 in bf16 on a CPU (cpu_kernels_for), else None."""
-    if not (harvest_path(cfg) == "hf" and "gemma-3" in cfg.name and concrete_dtype(cfg.dtype, device) == "bfloat16"):
+    """The CPU kernels where the hf harvest runs a Gemma-3 in bf16 or float32 on a CPU (cpu_kernels_for), else None."""
+    if not (harvest_path(cfg) == "hf" and "gemma-3" in cfg.name
+            and concrete_dtype(cfg.dtype, device) in ("bfloat16", "float32")):
         return None
     return cpu_kernels_for(cfg, device)
 
