@@ -158,6 +158,33 @@ def test_rotary_is_bit_identical_to_transformers_and_falls_back(lib):
     assert len(calls) == 8
 
 
+def test_packed_linears_equal_f_linear_to_float32_round_off():
+    """lm.pack_linears: oneDNN's kernels on weights packed once, for any input rows (2D, 3D, one row), with and without
+    a bias; as close to the float64 product as F.linear (its sums run in another order); bf16 layers untouched."""
+    from workbench import lm
+
+    g = torch.Generator().manual_seed(3)
+    stack = torch.nn.Sequential(torch.nn.Linear(640, 1024, bias=False), torch.nn.Linear(1024, 256),
+                                torch.nn.Linear(8, 8).bfloat16())
+    with torch.no_grad():
+        for layer in stack[:2]:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) / 25)
+    refs = {}
+    for shape in [(2048, 640), (3, 77, 640), (1, 640)]:
+        x = torch.randn(shape, generator=g)
+        refs[shape] = x, stack[1](stack[0](x)), torch.nn.functional.linear(
+            torch.nn.functional.linear(x.double(), stack[0].weight.double()), stack[1].weight.double(), stack[1].bias.double())
+    assert lm.pack_linears(stack, rows=2048) == 2
+    for shape, (x, ref, exact) in refs.items():
+        got = stack[1](stack[0](x))
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        err_got, err_ref = ((got.double() - exact).norm() / exact.norm()).item(), ((ref.double() - exact).norm() / exact.norm()).item()
+        assert err_got < 1e-6 and err_ref < 1e-6, (err_got, err_ref)  # float32 round-off (2^-24 = 6e-8 a step)
+    assert not hasattr(stack[2], "_packed_weight")
+    x16 = torch.randn(2, 8).bfloat16()
+    assert torch.equal(stack[2](x16), torch.nn.functional.linear(x16, stack[2].weight, stack[2].bias))
+
+
 def test_rows_tile_memory():
     x = torch.zeros(2, 3, 4, 8, dtype=torch.bfloat16)
     assert cpu_kernels._rows_tile_memory(x) and cpu_kernels._rows_tile_memory(x.transpose(1, 2))
@@ -183,7 +210,8 @@ def test_no_compiler_gives_the_reason_and_the_harvest_keeps_torchs_ops(tmp_path,
     other = dataclasses.replace(model, cache_dir=str(tmp_path / "other"))
     assert lm.harvest_label(other, cpu) == "hf+fused_cpu_kernels"
     assert lm.harvest_label(dataclasses.replace(other, fused_kernels=False), cpu) == "hf"
-    assert lm.harvest_label(dataclasses.replace(other, dtype="float32"), cpu) == "hf+fused_cpu_kernels"
+    assert lm.harvest_label(dataclasses.replace(other, dtype="float32"), cpu) == "hf+fused_cpu_kernels+onednn_linear"
+    assert lm.harvest_label(dataclasses.replace(other, dtype="float32", onednn_linear=False), cpu) == "hf+fused_cpu_kernels"
     assert lm.harvest_label(dataclasses.replace(other, dtype="float16"), cpu) == "hf"
     assert lm.harvest_label(other, torch.device("cuda")) == "hf"
     # the trainers' pair kernel is float32: the library loads for any CPU run with the key on

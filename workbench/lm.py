@@ -10,6 +10,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import types
 import warnings
 from pathlib import Path
 
@@ -208,6 +209,7 @@ class HFHookForward:
         self.device = next(self.stack.parameters()).device
         self._acts = None
         self.fused_modules = 0  # modules running the fused CPU kernels (load_hook_forward)
+        self.packed_linears = 0  # linear layers running oneDNN's packed kernels (load_hook_forward)
 
     def _grab(self, module, args, output):  # noqa: ARG002 (torch forward-hook signature)
         self._acts = output[0] if isinstance(output, tuple) else output
@@ -257,10 +259,39 @@ def fused_kernels(cfg: ModelConfig, device: torch.device):
     return cpu_kernels_for(cfg, device)
 
 
+def onednn_linear(cfg: ModelConfig, device: torch.device) -> bool:
+    """Whether the hf harvest's linear layers run through oneDNN with packed weights (model.onednn_linear): float32
+    on a CPU whose torch has oneDNN. MKL's sgemm reached 75-112 GFLOP/s on the harvest's shapes on a 2-core AVX2
+    CPU, oneDNN's packed kernels 102-139 (notes.txt, session 18); where bf16 is native torch already runs bf16
+    linears through oneDNN."""
+    return (cfg.onednn_linear and harvest_path(cfg) == "hf" and device.type == "cpu"
+            and concrete_dtype(cfg.dtype, device) == "float32" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _packed_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return type(self).forward(self, x)
+    return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [], "")
+
+
+def pack_linears(stack: torch.nn.Module, rows: int) -> int:
+    """Route the float32 nn.Linear layers of a frozen stack through oneDNN, each weight packed once into its blocked
+    layout (rows: the expected rows of an input, a hint for the layout; any count works). Returns how many."""
+    packed = 0
+    for module in stack.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
+            module._packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows)
+            module.forward = types.MethodType(_packed_linear_forward, module)
+            packed += 1
+    return packed
+
+
 def harvest_label(cfg: ModelConfig, device: torch.device) -> str:
     """What computes the training activations, as the cache key and the provenance name it: transformer_lens,
-    hf, or hf+fused_cpu_kernels."""
-    return harvest_path(cfg) + ("+fused_cpu_kernels" if fused_kernels(cfg, device) is not None else "")
+    hf, hf+fused_cpu_kernels, hf+fused_cpu_kernels+onednn_linear (or hf+onednn_linear)."""
+    return (harvest_path(cfg) + ("+fused_cpu_kernels" if fused_kernels(cfg, device) is not None else "")
+            + ("+onednn_linear" if onednn_linear(cfg, device) else ""))
 
 
 def load_hook_forward(cfg: ModelConfig, tl_model=None):
@@ -289,6 +320,8 @@ def load_hook_forward(cfg: ModelConfig, tl_model=None):
     if kernels is not None:
         from workbench.cpu_kernels import fuse_gemma3
         forward.fused_modules = fuse_gemma3(forward.stack, kernels)
+    if onednn_linear(cfg, device):
+        forward.packed_linears = pack_linears(forward.stack, rows=16 * 128)  # a layout hint (any row count works)
     return forward
 
 
