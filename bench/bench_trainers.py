@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     for size in args.sizes:
         for d, n, B, k in SIZES[size][device.type]:
             print(f"\n[{size}] d={d} n={n} B={B} k={k}   (ms per step; sparse = sae.sparse_step on; "
-                  f"auto = what sae.sparse_step=auto runs; ratio = auto / topk's auto)")
+                  f"auto = what sae.sparse_step=auto runs; ratio = auto / a topk step timed in turn with it)")
             auto = sparse_step_wanted("auto", n, args.dtype)
             for name in ["topk"] + [t for t in args.trainers if t != "topk"]:
                 modes = ["off", "on"] if make(name, 8, 256, 8, 2, device, args.dtype, "on")[0].sparse_codes else ["off"]
