@@ -458,11 +458,33 @@ def seed_tables(runs: list[Run], baselines: list[str]) -> list[str]:
     return lines
 
 
+def evaluated_on(run: Run) -> tuple[str, str] | None:
+    """(LM dtype, machine) that produced the run's eval numbers (its last re-evaluation's machine, if any); None
+    where the machine is not recorded (runs from before it was)."""
+    prov = run.training.get("provenance", {})
+    machine = next((r["machine"] for r in reversed(run.info.get("re-evaluations", [])) if "machine" in r),
+                   prov.get("machine"))
+    return (str(prov.get("llm_dtype")), machine) if machine else None
+
+
+def mixed_evaluation(runs: list[Run]) -> str | None:
+    """A warning where runs of one group were evaluated with different LM dtypes or on different machines: one
+    SAE's absorption moved by 0.04 between two bf16 CPUs (README, Comparing runs)."""
+    kinds = sorted({k for k in map(evaluated_on, runs) if k is not None})
+    if len(kinds) < 2:
+        return None
+    return ("runs evaluated with different LM dtypes or machines (" + "; ".join(f"{d} on {m}" for d, m in kinds) +
+            "): their eval numbers differ by the machine too; re-evaluate them on one machine "
+            "(python evals/run.py RUN_DIR ...) before comparing")
+
+
 def summary_markdown(groups: dict, baselines: list[str] = ("topk", "batchtopk")) -> str:
     lines = ["# Run summary", ""]
     for (model, hook), runs in groups.items():
-        lines += [f"## {model} / {hook}", "",
-                  "| run | label | " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " | top-1 probe | tokens |",
+        lines += [f"## {model} / {hook}", ""]
+        if warning := mixed_evaluation(runs):
+            lines += [f"**Note:** {warning}.", ""]
+        lines += ["| run | label | " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " | top-1 probe | tokens |",
                   "|---|---|" + "---|" * (len(SUMMARY_COLUMNS) + 2)]
         for r in runs:
             vals = [r.metric(*p) for _, p in SUMMARY_COLUMNS] + [probing_value(r, "sae_top_1_test_accuracy")]
@@ -528,6 +550,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
     for (model, hook), members in groups.items():
+        if warning := mixed_evaluation(members):
+            print(f"note: {model} / {hook}: {warning}", file=sys.stderr)
         auto_labels(members)
         for r in members:
             r.label = labels.get(r.name, r.label)

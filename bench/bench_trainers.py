@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evals  # noqa: E402,F401  (registers the evals with the config loader)
 from trainers import make_trainer  # noqa: E402
 from workbench.config import config_from_dict  # noqa: E402
+from workbench.cpu_kernels import bf16_matrix_engine  # noqa: E402
 from workbench.cpu_memory import keep_freed_memory  # noqa: E402
 from workbench.lm import bf16_native, concrete_dtype, cpu_kernels_for  # noqa: E402
 from workbench.sae_ops import sparse_step_wanted  # noqa: E402
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
         for d, n, B, k in SIZES[size][device.type]:
             print(f"\n[{size}] d={d} n={n} B={B} k={k}   (ms per step; sparse = sae.sparse_step on; "
                   f"auto = what sae.sparse_step=auto runs; ratio = auto / a topk step timed in turn with it)")
-            auto = sparse_step_wanted("auto", n, args.dtype)
+            auto = sparse_step_wanted("auto", n, args.dtype, bf16_matrix_engine(device.type))
             for name in ["topk"] + [t for t in args.trainers if t != "topk"]:
                 modes = ["off", "on"] if make(name, 8, 256, 8, 2, device, args.dtype, "on")[0].sparse_codes else ["off"]
                 made = [make(name, d, n, B, k, device, args.dtype, m) for m in modes]

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from workbench.lm import cache_root, load_lm, resolve_auto_dtypes
+    from workbench.lm import cache_root, load_lm, machine_name, resolve_auto_dtypes, resolve_device
     from workbench.phases import Phases
     from workbench.sae import load_sae
 
@@ -95,7 +95,8 @@ def main(argv=None) -> int:
         saes = [load_sae(run_dir / "sae") for run_dir, _, _ in members]
         results, skipped = evals.evaluate(cfg, model, saes, members[0][0] / "eval_artifacts", phases)
         record = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "types": cfg.eval.types,
-                  "overrides": args.set, "code_version": code_version(), "wall_s": time.perf_counter() - start,
+                  "overrides": args.set, "code_version": code_version(),
+                  "machine": machine_name(resolve_device(cfg.model.device)), "wall_s": time.perf_counter() - start,
                   "command": " ".join(["python", "evals/run.py", *(argv if argv is not None else sys.argv[1:])])}
         for (run_dir, _, final), result in zip(members, results):
             atomic_write_json(run_dir / FINAL_INFO, merge(final, result, skipped, record))

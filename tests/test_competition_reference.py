@@ -30,14 +30,14 @@ def dense_s(W_dec):
     return s - torch.diag(torch.diag(s))
 
 
-def make(name, seed, kernels=None, **kw):
+def make(name, seed, kernels=None, compute_dtype="float32", **kw):
     base = {"name": name, "k": 6, "lr": 1e-3, "warmup_steps": 0, **kw}
     cfg = tiny_run_config(**base)
     cfg.sae.d_sae = N
     g = torch.Generator().manual_seed(seed)
     acts = torch.randn(B, D, generator=g) @ torch.randn(D, D, generator=g)
     tr = make_trainer(cfg.trainer, d_in=D, d_sae=N, total_steps=20, total_tokens=20 * B, init_acts_BD=acts, seed=seed,
-                      kernels=kernels)
+                      kernels=kernels, compute_dtype=compute_dtype)
     with torch.no_grad():  # random decoder (unit rows) and a b_enc that makes ReLU codes dense-ish
         W = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1)
         tr.sae.W_dec.copy_(W)
@@ -147,6 +147,35 @@ def test_momentum_matches_dense_reference(seed, base, path, kernels_for):
         torch.testing.assert_close(out.loss.double(), base_loss.double() + pen.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(tr.momentum_F.double(), m_ref, rtol=1e-5, atol=1e-6)
     assert stat(out.stats["cofiring_pairs"]) > 0 and out.parts["competition"] > 0
+
+
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("name", ["momentum", "progressive"])
+def test_bf16_runs_take_the_float32_pair_kernel_unless_the_cpu_has_amx(name, amx, built_kernels, monkeypatch):
+    """bf16 autocast on a CPU: the penalty goes through the float32 pair kernel on vector-bf16 CPUs (AVX512-BF16) and
+    through the bf16 Gram on AMX; both equal the float64 reference on the step's own codes (bf16's 3 digits on AMX)."""
+    if built_kernels is None:
+        pytest.skip("no C compiler here: the pair kernel is not built")
+    flags = "flags : fpu avx2 avx512f avx512_bf16" + (" amx_bf16 amx_tile" if amx else "")
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
+    assert cpu_kernels.bf16_matrix_engine("cpu") == amx
+    calls = []
+    apply = comp._KernelAbsCosine.apply
+    monkeypatch.setattr(comp._KernelAbsCosine, "apply", lambda W, kernel: calls.append(1) or apply(W, kernel))
+    settings = ({"base": "topk", "beta": 0.0, "tau": 1e9, "lambda2": 0.3} if name == "momentum" else
+                {"theta0": 0.3, "lambda2_max": 0.3, "gamma": 2.0, "schedule": "static"})
+    tr, acts = make(name, 0, built_kernels, compute_dtype="bfloat16", **settings)
+    assert tr.autocast and tr.penalty_dtype() == torch.bfloat16
+    W_ref = tr.sae.W_dec.detach().clone().double()
+    _, _, latents, _, codes = base_loss_of(tr, acts, 0.0)
+    n_ij = dense_overlap(latents)
+    c = n_ij if name == "momentum" else ((n_ij - 0.3) / 0.3).clamp(0, 1)
+    w_sum = 2.0 if name == "momentum" else 1.0  # momentum: w_i = w_j = 1 (tau above every m_i)
+    ref = 0.3 * (w_sum * c * dense_s(W_ref)).sum() / N
+    value, _ = tr.penalty(lambda: latents, 0.0, codes)
+    assert bool(calls) != amx
+    tol = 2e-2 if amx else 1e-5
+    torch.testing.assert_close(value.double(), ref, rtol=tol, atol=1e-7)
 
 
 @pytest.mark.parametrize("path", ["pairs", "tokens", "tokens+kernel"])  # progressive: always the table

@@ -8,12 +8,14 @@ import plot
 
 
 def make_run(root, name, trainer="topk", l0=32.0, ev=0.9, ce=0.95, model="gemma-3-270m",
-             hook="blocks.6.hook_resid_post", extra_trainer=None, core=True):
+             hook="blocks.6.hook_resid_post", extra_trainer=None, core=True, machine=None, dtype="bfloat16"):
     d = root / name
     d.mkdir()
     tcfg = {"name": trainer, "k": int(l0), "lr": 1e-3, **(extra_trainer or {})}
     info = {"training results for layer 6": {"config": {}, "final_info": {},
-                                             "provenance": {"model": model, "hook": hook, "train_tokens": 1000}},
+                                             "provenance": {"model": model, "hook": hook, "train_tokens": 1000,
+                                                                            "llm_dtype": dtype,
+                                                                            **({"machine": machine} if machine else {})}},
             "run config": {"trainer": tcfg, "sae": {"d_sae": 2048}, "model": {"name": model, "hook": hook}}}
     if core:
         info["core evaluation results"] = {"metrics": {
@@ -124,6 +126,32 @@ def test_groups_labels_and_gaps(tmp_path, monkeypatch):
     assert row_d.count("n/a") == len(plot.SUMMARY_COLUMNS) + 1  # no core results: every metric (and the probe) a gap, never a zero
     run, _ = plot.load_run(tmp_path / "run_d")
     assert math.isnan(run.metric("core evaluation results", "metrics", "sparsity", "l0"))
+
+
+def test_runs_evaluated_on_different_machines_or_dtypes_are_flagged(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cpu_a, cpu_b = "AMD EPYC, 2 CPUs, bf16 instructions: avx512_bf16", "Intel Xeon, 2 CPUs, bf16 instructions: amx_bf16"
+    make_run(tmp_path, "run_a", "topk", machine=cpu_a)
+    make_run(tmp_path, "run_b", "batchtopk", machine=cpu_a)
+    make_run(tmp_path, "run_c", "topk", machine=None)  # from before the machine was recorded: not counted
+    assert plot.main(["--out", "same"]) == 0
+    assert "note:" not in capsys.readouterr().err and "**Note:**" not in (tmp_path / "same" / "summary.md").read_text()
+
+    make_run(tmp_path, "run_d", "matryoshka", machine=cpu_b)
+    make_run(tmp_path, "run_e", "matryoshka", machine=cpu_a, dtype="float32")
+    assert plot.main(["--out", "mixed"]) == 0
+    err = capsys.readouterr().err
+    note = next(line for line in (tmp_path / "mixed" / "summary.md").read_text().splitlines() if "**Note:**" in line)
+    for kind in (f"bfloat16 on {cpu_a}", f"bfloat16 on {cpu_b}", f"float32 on {cpu_a}"):
+        assert kind in note and kind in err
+
+    # a re-evaluation on cpu_a makes run_d's numbers cpu_a's: only the dtype still differs
+    info = json.loads((tmp_path / "run_d" / "final_info.json").read_text())
+    info["re-evaluations"] = [{"types": ["absorption"], "machine": cpu_a}]
+    (tmp_path / "run_d" / "final_info.json").write_text(json.dumps(info))
+    (tmp_path / "run_e").rename(tmp_path / "other_e")
+    assert plot.main(["--out", "again"]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_notes_are_appended_never_rewritten(tmp_path):

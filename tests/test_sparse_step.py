@@ -125,9 +125,11 @@ def test_sparse_step_in_bfloat16_is_as_close_to_float32_as_the_dense_step(name, 
 
 def test_auto_picks_by_measured_rule():
     from workbench.sae_ops import sparse_step_wanted
-    assert not sparse_step_wanted("auto", 2048, "bfloat16")  # quickstart: dense measured faster
-    assert sparse_step_wanted("auto", 16384, "bfloat16") and sparse_step_wanted("auto", 2048, "float32")
-    assert not sparse_step_wanted("off", 16384, "float32") and sparse_step_wanted("on", 2048, "bfloat16")
+    assert not sparse_step_wanted("auto", 2048, "bfloat16", matrix_engine=True)  # quickstart on AMX: dense faster
+    assert sparse_step_wanted("auto", 2048, "bfloat16", matrix_engine=False)  # AVX512-BF16: sparse faster
+    for engine in (True, False):
+        assert sparse_step_wanted("auto", 16384, "bfloat16", engine) and sparse_step_wanted("auto", 2048, "float32", engine)
+        assert not sparse_step_wanted("off", 16384, "float32", engine) and sparse_step_wanted("on", 2048, "bfloat16", engine)
     cfg = tiny_run_config(name="relu")
     relu = make_trainer(cfg.trainer, d_in=8, d_sae=16, total_steps=5, total_tokens=160,
                         init_acts_BD=torch.randn(8, 8), seed=0, sparse_step="on")

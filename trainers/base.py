@@ -8,6 +8,7 @@ import torch
 
 from workbench import distributed
 from workbench.config import TRAINER_CONFIGS, configclass, param
+from workbench.cpu_kernels import bf16_matrix_engine
 from workbench.sae_ops import (Codes, Encoding, default_lr, encoder_pre_acts, normalize_rows_, remove_parallel_grad_,
                                 sparse_step_wanted)
 from workbench.training import StepOutput  # noqa: F401  (what a trainer's step returns; the loop reads it)
@@ -68,8 +69,9 @@ class Trainer:
         # sums and the decoder constraint stay float32
         self.autocast = compute_dtype == "bfloat16"
         # trainers whose codes are a selection (those that set sparse_codes) may take the sparse step (workbench/sae_ops.py)
-        self.sparse_step = self.sparse_codes and sparse_step_wanted(sparse_step, d_sae, compute_dtype)
         self.device_type = torch.device(device).type
+        self.sparse_step = self.sparse_codes and sparse_step_wanted(sparse_step, d_sae, compute_dtype,
+                                                                    bf16_matrix_engine(self.device_type))
         from workbench.sae import make_sae  # sae_lens: imported when a trainer is made, not with the CLI
 
         gen = torch.Generator().manual_seed(seed)

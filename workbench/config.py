@@ -121,7 +121,8 @@ class SAEConfig:
         "auto", "TopK-family, ReLU and JumpReLU trainers: the step that touches only the selected latents (ReLU: the active "
                 "ones, while they are at most 8% of the batch's entries) outside the encoder forward "
                 "(embedding-bag decoder, sparse encoder backward; same loss and gradients as the dense one) | off "
-                "(dense) | auto (sparse except bfloat16 below 8192 latents, where the dense step measured faster)")
+                "(dense) | auto (sparse except bfloat16 below 8192 latents on a matrix engine, AMX or a GPU, where the dense "
+                "step measured faster)")
 
 
 @configclass

@@ -42,6 +42,13 @@ def cpu_flags() -> str:
         return ""
 
 
+def bf16_matrix_engine(device_type: str) -> bool:
+    """bf16 matmuls run on a matrix engine: a GPU's tensor cores, a CPU's AMX tiles (not AVX512-BF16's vector dot
+    products). Measured there: the dense bf16 products beat the sparse step's gathers at 2048 latents, and the bf16
+    Gram beat the float32 pair kernel; on an AVX512-BF16 CPU neither (notes.txt, session 20)."""
+    return device_type == "cuda" or (device_type == "cpu" and "amx_bf16" in cpu_flags().split())
+
+
 def load(cache_dir: Path, compiler: str | None = None) -> ctypes.CDLL:
     """The compiled kernels (built on first use into cache_dir/kernels/<key>/; an atomic rename publishes
     them), with compiler, else $CC, else cc. Raises Unavailable with the reason."""

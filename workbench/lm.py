@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import platform
 import shutil
 import tempfile
 import types
@@ -52,6 +53,22 @@ def bf16_native(device: torch.device) -> tuple[bool, str]:
     found = sorted(BF16_CPU_FLAGS & set(cpu_flags().partition(":")[2].split()))
     return bool(found), ("CPU flag " + ", ".join(found) if found else
                          "this CPU has no bf16 matmul instructions (amx_bf16, avx512_bf16, Arm bf16)")
+
+
+def machine_name(device: torch.device) -> str:
+    """The machine a run's numbers came from, in words (a provenance entry): the GPU's name, or the CPU's model,
+    core count and bf16 instructions. bf16 evaluation numbers differ between bf16 CPUs (tests/test_acceptance.py)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from workbench.cpu_kernels import cpu_flags
+
+    try:
+        model = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "") or platform.processor() or platform.machine()
+    except OSError:
+        model = platform.processor() or platform.machine()
+    found = sorted(BF16_CPU_FLAGS & set(cpu_flags().partition(":")[2].split()))
+    return f"{model}, {os.cpu_count()} CPUs, bf16 instructions: {', '.join(found) or 'none'}"
 
 
 def concrete_dtype(setting: str, device: torch.device) -> str:

@@ -21,7 +21,8 @@ from transformers import set_seed
 from workbench.activations import ActivationScaler, MixingBuffer
 from workbench import distributed
 from workbench.config import RunConfig, config_to_dict, sweep_runs, to_toml
-from workbench.lm import bf16_native, cache_root, cpu_kernels_for, harvest_label, resolve_auto_dtypes, resolve_device
+from workbench.lm import (bf16_native, cache_root, cpu_kernels_for, harvest_label, machine_name, resolve_auto_dtypes,
+                          resolve_device)
 from workbench.phases import Phases
 from workbench.record import absorption_null_control, final_info
 from workbench.rundir import CHECKPOINT, FINAL_INFO, save_checkpoint, trim_log
@@ -157,6 +158,7 @@ def run(cfg: RunConfig, out_dir: Path, overwrite: bool, command: list[str], make
     provenance = {
         "model": cfg.model.name, "hook": cfg.model.hook, "llm_dtype": cfg.model.dtype,
         "sae_compute_dtype": cfg.sae.compute_dtype, "dtype_auto": dtype_auto, "device": str(device),
+        "machine": machine_name(device),
         "harvest_forward": harvest_label(cfg.model, device), "dataset": cfg.data.dataset,
         "embedded_sources": cfg.data.embedded_sources if cfg.data.dataset == "embedded" else None,
         "context_size": cfg.data.context_size, "train_tokens": stats["tokens"], "seed": cfg.seed,

@@ -71,12 +71,14 @@ def kth_largest(x_BF: torch.Tensor, k_total: int) -> torch.Tensor:
 # (bench/bench_trainers.py), so `sae.sparse_step = auto` picks by the measured rule in sparse_step_wanted.
 
 
-def sparse_step_wanted(setting: str, d_sae: int, compute_dtype: str) -> bool:
-    """auto: the sparse step except where the dense one measured faster (bf16 on the quickstart's 2048
-    latents: AMX bf16 matmuls, 0.9x; float32 there 2.1x, 2304 x 16384 bf16 1.65x and float32 2.6x for sparse)."""
+def sparse_step_wanted(setting: str, d_sae: int, compute_dtype: str, matrix_engine: bool) -> bool:
+    """auto: the sparse step except where the dense one measured faster: bf16 on a matrix engine
+    (workbench.cpu_kernels.bf16_matrix_engine) below 8192 latents (AMX at the quickstart's 2048: 0.9x for sparse).
+    Sparse measured faster in float32 (2.1x there, 2.6x at 2304 x 16384), in bf16 at 2304 x 16384 (1.65x AMX, 1.9x
+    AVX512-BF16) and in bf16 on AVX512-BF16 vector units at 2048 latents (1.24x)."""
     if setting != "auto":
         return setting == "on"
-    return compute_dtype != "bfloat16" or d_sae >= 8192
+    return compute_dtype != "bfloat16" or d_sae >= 8192 or not matrix_engine
 
 
 def bag_sum(rows_E: torch.Tensor, idx_E: torch.Tensor, vals_E: torch.Tensor, W_FD: torch.Tensor,
