@@ -322,13 +322,16 @@ class _KernelAbsCosine(torch.autograd.Function):
 
 
 def pair_kernels(W_dec: torch.Tensor, dtype: torch.dtype, kernels):
-    """The CPU kernels where the float32 pair kernel applies, else None: the Gram in the matmul dtype. On a CPU that
-    is every float32 run, and bf16 runs without AMX (bf16_matrix_engine): AMX ran the Gram faster than vector code
-    can run the pairs, but on AVX512-BF16 the pair kernel took momentum from 2.1-2.5x topk's step to 1.6-1.8x and
-    progressive from 2.0-2.4x to 1.16-1.23x (bench_trainers' synthetic codes, quickstart size; notes.txt session 20)."""
+    """The CPU kernels where the float32 pair kernels apply, else None: the Gram or per-token rows in the matmul dtype.
+    On a CPU that is every float32 run, and bf16 runs without AMX (bf16_matrix_engine) up to GRAM_MAX_LATENTS: AMX
+    ran the Gram faster than vector code can run the pairs, but on AVX512-BF16 the pair kernel took momentum from
+    2.1-2.5x topk's step to 1.6-1.8x and progressive from 2.0-2.4x to 1.16-1.23x at 2048 latents; at 16384 the bf16
+    per-token rows and the float32 kernels measured alike (bench_trainers' synthetic codes; notes.txt session 20)."""
     if kernels is None or W_dec.device.type != "cpu":
         return None
-    return kernels if dtype == torch.float32 or not bf16_matrix_engine("cpu") else None
+    if dtype == torch.float32:
+        return kernels
+    return kernels if W_dec.shape[0] <= GRAM_MAX_LATENTS and not bf16_matrix_engine("cpu") else None
 
 
 GRAM_MAX_LATENTS = 8192  # the Gram path's n x n float32 matrices stay under 256 MB each
