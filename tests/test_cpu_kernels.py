@@ -203,6 +203,7 @@ def test_no_compiler_gives_the_reason_and_the_harvest_keeps_torchs_ops(tmp_path,
         cpu_kernels.load(tmp_path, "false")
     model = dataclasses.replace(load_config("run_configs/quickstart.toml").model, cache_dir=str(tmp_path), dtype="bfloat16")
     cpu = torch.device("cpu")
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: "flags : avx512_bf16 amx_bf16")  # AMX: SDPA in bf16 (no +eager_attention)
     monkeypatch.setenv("CC", "no-such-cc")
     with pytest.warns(UserWarning, match=r"fused CPU kernels off \(no C compiler 'no-such-cc' on PATH\)"):
         assert lm.harvest_label(model, cpu) == "hf"

@@ -5,13 +5,15 @@ import shutil
 import unittest.mock
 
 import pytest
+import torch
 
 import evals  # noqa: F401  (registers the evals with the config loader)
 import trainers  # noqa: F401
 from workbench import cpu_kernels
 from workbench.activations import special_mask
 from workbench.config import load_config
-from workbench.lm import HFHookForward, TLHookForward, harvest_path, load_hook_forward, load_lm, special_token_ids
+from workbench.lm import (HFHookForward, TLHookForward, eager_attention, harvest_label, harvest_path, load_hook_forward,
+                          load_lm, special_token_ids)
 from workbench.text import held_out_contexts
 
 pytestmark = pytest.mark.slow
@@ -43,6 +45,17 @@ def test_auto_takes_hf_for_the_embedded_model_only():
     assert harvest_path(dataclasses.replace(cfg.model, harvest="transformer_lens")) == "transformer_lens"
 
 
+@pytest.mark.parametrize("flags,dtype,eager", [("avx512f avx512_bf16", "bfloat16", True),
+                                               ("avx512f avx512_bf16 amx_bf16 amx_tile", "bfloat16", False),
+                                               ("avx512f avx512_bf16", "float32", False)])
+def test_eager_attention_in_bf16_on_cpus_without_amx_only(monkeypatch, flags, dtype, eager):
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: f"flags : fpu avx2 {flags}")
+    cfg = load_config("run_configs/quickstart.toml", [f"model.dtype={dtype}"])
+    assert eager_attention(cfg.model, torch.device("cpu")) == eager
+    assert harvest_label(cfg.model, torch.device("cpu")).endswith("+eager_attention") == eager
+    assert not eager_attention(dataclasses.replace(cfg.model, harvest="transformer_lens"), torch.device("cpu"))
+
+
 def test_hf_forward_equals_transformer_lens_in_float32(forwards):
     fwd, tokens_BT, keep_BT = forwards
     assert isinstance(fwd["hf", "float32"], HFHookForward)
@@ -69,6 +82,11 @@ def test_hf_forward_in_bfloat16_is_as_close_to_float32_as_transformer_lens(forwa
         with unittest.mock.patch.object(cpu_kernels, "rope", wraps=cpu_kernels.rope) as rope:
             fwd["hf", dtype](tokens_BT[:2])
         assert rope.call_count == (2 * 7 if shutil.which("cc") else 0)  # q and k in each of the 7 layers
+    # attention: SDPA, except eager in bf16 on a CPU without AMX (workbench.lm.eager_attention): this test's bf16
+    # error bound holds for whichever this CPU takes
+    bf16_attention = fwd["hf", "bfloat16"].stack.config._attn_implementation
+    assert bf16_attention == ("sdpa" if cpu_kernels.bf16_matrix_engine("cpu") else "eager")
+    assert fwd["hf", "float32"].stack.config._attn_implementation == "sdpa"
     err_hf = rel_err(fwd["hf", "bfloat16"](tokens_BT)[keep_BT], ref)
     assert err_tl < 0.05 and err_hf < 0.05, (err_tl, err_hf)  # bf16 keeps 8 mantissa bits; 18 ops deep
     assert err_hf <= 1.25 * err_tl, (err_hf, err_tl)

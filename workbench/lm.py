@@ -286,6 +286,17 @@ def onednn_linear(cfg: ModelConfig, device: torch.device) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def eager_attention(cfg: ModelConfig, device: torch.device) -> bool:
+    """Whether the hf harvest runs transformers' eager attention (matmuls, float32 softmax) instead of SDPA: bf16 on a
+    CPU without AMX. On an AVX512-BF16 CPU torch's flash-attention kernel took 20% of a bf16 LM batch, and eager
+    attention made the batch 10-12% faster (259 / 277 vs 295 / 310 ms, alternated), while in float32 SDPA was the
+    faster one (514 / 520 vs 578 / 586 ms; notes.txt, session 20)."""
+    from workbench.cpu_kernels import bf16_matrix_engine
+
+    return (harvest_path(cfg) == "hf" and device.type == "cpu" and concrete_dtype(cfg.dtype, device) == "bfloat16"
+            and not bf16_matrix_engine("cpu"))
+
+
 def _packed_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return type(self).forward(self, x)
@@ -306,9 +317,10 @@ def pack_linears(stack: torch.nn.Module, rows: int) -> int:
 
 def harvest_label(cfg: ModelConfig, device: torch.device) -> str:
     """What computes the training activations, as the cache key and the provenance name it: transformer_lens,
-    hf, hf+fused_cpu_kernels, hf+fused_cpu_kernels+onednn_linear (or hf+onednn_linear)."""
+    hf, hf+fused_cpu_kernels, hf+fused_cpu_kernels+onednn_linear (or hf+onednn_linear), +eager_attention."""
     return (harvest_path(cfg) + ("+fused_cpu_kernels" if fused_kernels(cfg, device) is not None else "")
-            + ("+onednn_linear" if onednn_linear(cfg, device) else ""))
+            + ("+onednn_linear" if onednn_linear(cfg, device) else "")
+            + ("+eager_attention" if eager_attention(cfg, device) else ""))
 
 
 def load_hook_forward(cfg: ModelConfig, tl_model=None):
@@ -326,6 +338,8 @@ def load_hook_forward(cfg: ModelConfig, tl_model=None):
         source, kwargs = get_official_model_name(cfg.name), {}
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        if eager_attention(cfg, device):
+            kwargs["attn_implementation"] = "eager"
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device).eval()
     except Exception as e:  # hub unreachable, gated, unknown name
         raise hub_load_error(cfg, e, " for the hf harvest") from None
