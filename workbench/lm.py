@@ -48,11 +48,16 @@ def bf16_native(device: torch.device) -> tuple[bool, str]:
         return native, f"{torch.cuda.get_device_name(device)} {'has' if native else 'lacks'} bf16 tensor math"
     if device.type != "cpu":
         return False, f"{device.type} device: float32"
-    from workbench.cpu_kernels import cpu_flags
-
-    found = sorted(BF16_CPU_FLAGS & set(cpu_flags().partition(":")[2].split()))
+    found = bf16_cpu_flags()
     return bool(found), ("CPU flag " + ", ".join(found) if found else
                          "this CPU has no bf16 matmul instructions (amx_bf16, avx512_bf16, Arm bf16)")
+
+
+def bf16_cpu_flags() -> list[str]:
+    """This CPU's bf16 matmul flags (BF16_CPU_FLAGS), sorted."""
+    from workbench.cpu_kernels import cpu_flags
+
+    return sorted(BF16_CPU_FLAGS & set(cpu_flags().partition(":")[2].split()))
 
 
 def machine_name(device: torch.device) -> str:
@@ -60,15 +65,12 @@ def machine_name(device: torch.device) -> str:
     core count and bf16 instructions. bf16 evaluation numbers differ between bf16 CPUs (tests/test_acceptance.py)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from workbench.cpu_kernels import cpu_flags
-
     try:
         model = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), "") or platform.processor() or platform.machine()
     except OSError:
         model = platform.processor() or platform.machine()
-    found = sorted(BF16_CPU_FLAGS & set(cpu_flags().partition(":")[2].split()))
-    return f"{model}, {os.cpu_count()} CPUs, bf16 instructions: {', '.join(found) or 'none'}"
+    return f"{model}, {os.cpu_count()} CPUs, bf16 instructions: {', '.join(bf16_cpu_flags()) or 'none'}"
 
 
 def concrete_dtype(setting: str, device: torch.device) -> str:
