@@ -33,6 +33,7 @@ class Unavailable(RuntimeError):
     """The kernels cannot be built or loaded here; the message says why."""
 
 
+@functools.cache  # read once: the bf16 routing asks every step, and /proc/cpuinfo grows with the core count
 def cpu_flags() -> str:
     """The CPU's feature line of /proc/cpuinfo ("flags" on x86, "Features" on Arm); '' where there is none."""
     try:
