@@ -99,15 +99,17 @@ def kernels_for(built_kernels, monkeypatch):
     """path -> the kernels a trainer gets on that path; on the kernel path every table penalty goes through it."""
     calls, used = [], []
     apply = comp._KernelAbsCosine.apply
-    monkeypatch.setattr(comp._KernelAbsCosine, "apply", lambda W, kernel: calls.append(kernel.func.__name__) or apply(W, kernel))
+    monkeypatch.setattr(comp._KernelAbsCosine, "apply",
+                        lambda W, kernel, rows_dtype: calls.append(kernel.func.__name__) or apply(W, kernel, rows_dtype))
 
     def get(path):
         if not path.startswith("tokens+"):
             return None
         if built_kernels is None:
             pytest.skip("no C compiler here: the pair kernel is not built")
-        share = {"tokens+rows": float("inf"), "tokens+token_kernel": 0.0}.get(path, comp.TABLE_SHARE_FOR_TOKENS)
-        monkeypatch.setattr(comp, "TABLE_SHARE_FOR_TOKENS", share)
+        share = {"tokens+rows": float("inf"), "tokens+token_kernel": 0.0}.get(path)
+        if share is not None:
+            monkeypatch.setattr(comp, "TABLE_SHARE_FOR_TOKENS", dict.fromkeys(comp.TABLE_SHARE_FOR_TOKENS, share))
         used.append(path)
         return built_kernels
     yield get
@@ -151,31 +153,67 @@ def test_momentum_matches_dense_reference(seed, base, path, kernels_for):
 
 @pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("name", ["momentum", "progressive"])
-def test_bf16_runs_take_the_float32_pair_kernel_unless_the_cpu_has_amx(name, amx, built_kernels, monkeypatch):
-    """bf16 autocast on a CPU: the penalty goes through the float32 pair kernel on vector-bf16 CPUs (AVX512-BF16) and
-    through the bf16 Gram on AMX; both equal the float64 reference on the step's own codes (bf16's 3 digits on AMX)."""
+def test_bf16_runs_take_the_pair_kernel_unless_the_cpu_has_amx(name, amx, built_kernels, monkeypatch):
+    """bf16 autocast on a CPU: the penalty goes through the pair kernel on vector-bf16 CPUs (AVX512-BF16), reading the
+    decoder rows in bf16 where the kernels were built with its dot products (else float32), and through the bf16 Gram
+    on AMX; each equals the float64 reference on the step's own codes: the pair kernel to float32 sums of the rows it
+    read, the Gram to bf16's 3 digits."""
     if built_kernels is None:
         pytest.skip("no C compiler here: the pair kernel is not built")
     flags = "flags : fpu avx2 avx512f avx512_bf16" + (" amx_bf16 amx_tile" if amx else "")
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
     assert cpu_kernels.bf16_matrix_engine("cpu") == amx
-    calls = []
+    rows_read = []
     apply = comp._KernelAbsCosine.apply
-    monkeypatch.setattr(comp._KernelAbsCosine, "apply", lambda W, kernel: calls.append(1) or apply(W, kernel))
+    monkeypatch.setattr(comp._KernelAbsCosine, "apply",
+                        lambda W, kernel, rows_dtype: rows_read.append(rows_dtype) or apply(W, kernel, rows_dtype))
     settings = ({"base": "topk", "beta": 0.0, "tau": 1e9, "lambda2": 0.3} if name == "momentum" else
                 {"theta0": 0.3, "lambda2_max": 0.3, "gamma": 2.0, "schedule": "static"})
+    # momentum: the table by rows (as on real codes)
+    monkeypatch.setattr(comp, "TABLE_SHARE_FOR_TOKENS", dict.fromkeys(comp.TABLE_SHARE_FOR_TOKENS, float("inf")))
     tr, acts = make(name, 0, built_kernels, compute_dtype="bfloat16", **settings)
     assert tr.autocast and tr.penalty_dtype() == torch.bfloat16
-    W_ref = tr.sae.W_dec.detach().clone().double()
+    bf16_rows = cpu_kernels.pair_rows_bf16_vectorized(built_kernels)
+    W_ref = tr.sae.W_dec.detach().clone()
+    if bf16_rows and not amx:
+        W_ref = W_ref.bfloat16()  # the values the kernel multiplies
+    W_ref = W_ref.double()
     _, _, latents, _, codes = base_loss_of(tr, acts, 0.0)
     n_ij = dense_overlap(latents)
     c = n_ij if name == "momentum" else ((n_ij - 0.3) / 0.3).clamp(0, 1)
     w_sum = 2.0 if name == "momentum" else 1.0  # momentum: w_i = w_j = 1 (tau above every m_i)
     ref = 0.3 * (w_sum * c * dense_s(W_ref)).sum() / N
     value, _ = tr.penalty(lambda: latents, 0.0, codes)
-    assert bool(calls) != amx
+    assert rows_read == ([] if amx else [torch.bfloat16 if bf16_rows else torch.float32])
     tol = 2e-2 if amx else 1e-5
     torch.testing.assert_close(value.double(), ref, rtol=tol, atol=1e-7)
+
+
+@pytest.mark.parametrize("bf16_dots", [False, True])
+def test_pair_kernel_routing_by_dtype_size_and_cpu(bf16_dots, monkeypatch):
+    """Which penalty path a CPU run takes (pair_kernels, pair_rows_dtype, token_kernel_wanted): float32 always the
+    kernels, reading float32 rows; bf16 on AMX never (its Gram); bf16 on AVX512-BF16 the kernels up to
+    GRAM_MAX_LATENTS, above only where they read bf16 rows (built with the dot products), which also move momentum's
+    choice of the token kernel from half the occurrences to 0.8 of them."""
+    import types
+
+    kernels = types.SimpleNamespace(pair_rows_bf16_vectorized=lambda: int(bf16_dots))
+    small, large = torch.empty(comp.GRAM_MAX_LATENTS, 1), torch.empty(comp.GRAM_MAX_LATENTS + 1, 1)
+    for amx in (False, True):
+        flags = "flags : fpu avx512f avx512_bf16" + (" amx_bf16" if amx else "")
+        monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: flags)
+        for W in (small, large):
+            assert comp.pair_kernels(W, torch.float32, kernels) is kernels
+            assert comp.pair_kernels(W, torch.float32, None) is None
+        assert (comp.pair_kernels(small, torch.bfloat16, kernels) is kernels) == (not amx)
+        assert (comp.pair_kernels(large, torch.bfloat16, kernels) is kernels) == (not amx and bf16_dots)
+    rows = torch.bfloat16 if bf16_dots else torch.float32
+    assert comp.pair_rows_dtype(torch.bfloat16, kernels) == rows
+    assert comp.pair_rows_dtype(torch.float32, kernels) == torch.float32
+    B, k = 10, 5  # 200 occurrences (both orders)
+    tokens = comp.TokenPairs(torch.zeros(B, k, dtype=torch.long), torch.ones(B, k, dtype=torch.bool), torch.zeros(3))
+    for entries, token_kernel in ((99, False), (100, not bf16_dots), (159, not bf16_dots), (160, True)):
+        assert comp.token_kernel_wanted(tokens, torch.tensor([0, entries]), rows) == token_kernel
 
 
 @pytest.mark.parametrize("path", ["pairs", "tokens", "tokens+kernel"])  # progressive: always the table

@@ -230,13 +230,29 @@ def rows_of(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return row_ptr, c[order].int(), K[r, c][order].float()
 
 
-@pytest.mark.parametrize("n, d, density", [(301, 64, 0.2), (64, 640, 0.9), (50, 7, 0.0)])
-def test_pair_kernel_equals_the_gram_formula(lib, n, d, density):
+@pytest.fixture(scope="module")
+def lib_without_bf16_dots(tmp_path_factory):
+    """The kernels built without AVX512-BF16 (as on a CPU without it): the portable bf16 pair rows."""
+    return cpu_kernels.load(tmp_path_factory.mktemp("kernel_cache_plain"), extra_flags=("-mno-avx512bf16",))
+
+
+@pytest.mark.parametrize("rows", ["float32", "bfloat16", "bfloat16 portable"])
+@pytest.mark.parametrize("n, d, density", [(301, 64, 0.2), (64, 640, 0.9), (120, 45, 0.3), (50, 7, 0.0)])
+def test_pair_kernel_equals_the_gram_formula(lib, lib_without_bf16_dots, rows, n, d, density):
     """sum_ij K_ij |w_i . w_j| and KS W (KS = K sign(W W^T)) over a sparse symmetric K given by rows, against
-    float64: rows with partner counts that are and are not multiples of four, a row length that is not a vector
-    width, no pairs; stored zeros are skipped; with per-latent weights."""
+    float64: rows with partner counts that are and are not multiples of eight, row lengths that are not a vector
+    width (45: one 32-element bf16 chunk and a tail), no pairs; stored zeros are skipped; with per-latent weights.
+    bf16 rows: the same formula on the bf16 values (float32 sums), with AVX512-BF16 dot products where this CPU has
+    them and in the portable build."""
+    if rows == "bfloat16 portable":
+        lib = lib_without_bf16_dots
+        assert not cpu_kernels.pair_rows_bf16_vectorized(lib)
+    elif rows == "bfloat16":
+        assert cpu_kernels.pair_rows_bf16_vectorized(lib) == ("avx512_bf16" in cpu_kernels.cpu_flags().split())
     g = torch.Generator().manual_seed(n)
     W = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    if rows != "float32":  # the reference below multiplies the bf16 values
+        W = W.bfloat16()
     K = torch.triu((torch.rand(n, n, generator=g) < density) * torch.rand(n, n, generator=g), diagonal=1)
     K = (K + K.T).float()
     row_ptr, cols, vals = rows_of(K)
@@ -244,6 +260,7 @@ def test_pair_kernel_equals_the_gram_formula(lib, n, d, density):
         vals[::3] = 0.0  # stored zeros: progressive's clamp leaves them in place
         K = torch.zeros_like(K).index_put_((torch.repeat_interleave(torch.arange(n), row_ptr.diff()), cols.long()), vals)
     value, half = cpu_kernels.pair_rows_abs_cosine(lib, row_ptr, cols, vals, W)
+    assert half.dtype == torch.float32
     G = W.double() @ W.double().T
     assert value == pytest.approx((K.double() * G.abs()).sum().item(), rel=1e-6, abs=1e-9)
     torch.testing.assert_close(half.double(), (K.double() * G.sign()) @ W.double(), rtol=1e-5, atol=1e-5)

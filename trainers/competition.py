@@ -305,33 +305,46 @@ class _GramAbsCosine(torch.autograd.Function):
 
 
 class _KernelAbsCosine(torch.autograd.Function):
-    """The same value and gradient as _GramAbsCosine (its backward, 2 KS W), in float32, from a CPU kernel that takes
-    W and returns (value, KS W) working on K's nonzeros only (the co-firing pairs): by rows of the table
-    (pair_rows_abs_cosine) or token by token (token_pairs_abs_cosine), d flops a few times per pair where the Gram
-    spends n^2 d twice (workbench.cpu_kernels; bench/bench_trainers.py)."""
+    """The same value and gradient as _GramAbsCosine (its backward, 2 KS W), summed in float32, from a CPU kernel that
+    takes W (in rows_dtype: float32, or bf16 for the pair kernel with AVX512-BF16, pair_rows_dtype) and returns
+    (value, KS W) working on K's nonzeros only (the co-firing pairs): by rows of the table (pair_rows_abs_cosine) or
+    token by token (token_pairs_abs_cosine), d flops a few times per pair where the Gram spends n^2 d twice
+    (workbench.cpu_kernels; bench/bench_trainers.py)."""
 
     @staticmethod
-    def forward(ctx, W_dec, kernel):
-        value, KSW_FD = kernel(W_dec.detach().float().contiguous())
+    def forward(ctx, W_dec, kernel, rows_dtype):
+        value, KSW_FD = kernel(W_dec.detach().to(rows_dtype).contiguous())
         ctx.save_for_backward(KSW_FD)
         return W_dec.new_tensor(value)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _GramAbsCosine.backward(ctx, grad_out)[0], None  # 2 KS W, saved the same way
+        return _GramAbsCosine.backward(ctx, grad_out)[0], None, None  # 2 KS W, saved the same way
 
 
 def pair_kernels(W_dec: torch.Tensor, dtype: torch.dtype, kernels):
-    """The CPU kernels where the float32 pair kernels apply, else None: the Gram or per-token rows in the matmul dtype.
-    On a CPU that is every float32 run, and bf16 runs without AMX (bf16_matrix_engine) up to GRAM_MAX_LATENTS: AMX
-    ran the Gram faster than vector code can run the pairs, but on AVX512-BF16 the pair kernel took momentum from
-    2.1-2.5x topk's step to 1.6-1.8x and progressive from 2.0-2.4x to 1.16-1.23x at 2048 latents; at 16384 the bf16
-    per-token rows and the float32 kernels measured alike (bench_trainers' synthetic codes; notes.txt session 20)."""
+    """The CPU kernels where the pair kernels apply, else None: the Gram or per-token rows in the matmul dtype.
+    On a CPU that is every float32 run, and bf16 runs without AMX (bf16_matrix_engine): AMX ran the Gram faster than
+    vector code can run the pairs, but on AVX512-BF16 the float32 pair kernel took momentum from 2.1-2.5x topk's step
+    to 1.6-1.8x and progressive from 2.0-2.4x to 1.16-1.23x at 2048 latents (notes.txt session 20). At 16384 the
+    float32 kernels and the bf16 per-token rows measured alike, so there the kernels need their bf16 rows
+    (pair_rows_dtype: progressive 2.4-2.6x -> 1.4x, momentum 2.0x -> 1.7-1.9x, bench_trainers' codes; session 21)."""
     if kernels is None or W_dec.device.type != "cpu":
         return None
     if dtype == torch.float32:
         return kernels
-    return kernels if W_dec.shape[0] <= GRAM_MAX_LATENTS and not bf16_matrix_engine("cpu") else None
+    if bf16_matrix_engine("cpu"):
+        return None
+    return kernels if W_dec.shape[0] <= GRAM_MAX_LATENTS or pair_rows_dtype(dtype, kernels) == torch.bfloat16 else None
+
+
+def pair_rows_dtype(dtype: torch.dtype, kernels) -> torch.dtype:
+    """The decoder rows' dtype for the pair kernel: bf16 in a bf16 run where the kernels were built with AVX512-BF16
+    dot products (half the bytes per partner, the dots at twice the rate: 1.6x faster on a trained quickstart SAE's
+    table; the products of the bf16-rounded rows, as the bf16 Gram multiplies them), else float32."""
+    from workbench.cpu_kernels import pair_rows_bf16_vectorized
+
+    return torch.bfloat16 if dtype == torch.bfloat16 and pair_rows_bf16_vectorized(kernels) else torch.float32
 
 
 GRAM_MAX_LATENTS = 8192  # the Gram path's n x n float32 matrices stay under 256 MB each
@@ -356,20 +369,23 @@ def token_kernel_penalty(W_dec: torch.Tensor, pairs: TokenPairs, weight_F: torch
 
     kernel = functools.partial(token_pairs_abs_cosine, kernels, pairs.idx_Bk.contiguous(), pairs.active_Bk.contiguous(),
                                pairs.fires_F, weight_F.float().contiguous())
-    return _KernelAbsCosine.apply(W_dec, kernel) / n
+    return _KernelAbsCosine.apply(W_dec, kernel, torch.float32) / n
 
 
-# With the CPU kernels, the token kernel costs ~0.5x the pair kernel per occurrence (measured at the quickstart's
-# size: 22-26 ms for 1M occurrences, against 13 ms for a table of 0.31M entries and 37 ms for 0.89M): momentum
-# runs it unless the table has fewer entries than this share of the occurrences (co-firing pairs that recur over
-# tokens, as in real codes: 0.31 on the quickstart's activations, 0.88 in bench_trainers' synthetic ones)
-TABLE_SHARE_FOR_TOKENS = 0.5
+# With the CPU kernels, the token kernel (float32) costs ~0.5x the float32 pair kernel per occurrence (measured at the
+# quickstart's size: 22-26 ms for 1M occurrences, against 13 ms for a table of 0.31M entries and 37 ms for 0.89M), and
+# about what the bf16 pair kernel costs at 0.8-0.85 entries per occurrence (at 2048 and 16384 latents; notes.txt,
+# session 21): momentum runs it unless the table has fewer entries than this share of the occurrences (co-firing
+# pairs that recur over tokens, as in real codes: 0.31-0.39 on the quickstart's activations, 0.87 in bench_trainers'
+# synthetic ones), by the dtype of the rows the pair kernel reads (pair_rows_dtype)
+TABLE_SHARE_FOR_TOKENS = {torch.float32: 0.5, torch.bfloat16: 0.8}
 
 
-def token_kernel_wanted(pairs: TokenPairs, row_ptr: torch.Tensor) -> bool:
-    """The token kernel rather than the pair kernel on the table with rows row_ptr: TABLE_SHARE_FOR_TOKENS."""
+def token_kernel_wanted(pairs: TokenPairs, row_ptr: torch.Tensor, rows_dtype: torch.dtype = torch.float32) -> bool:
+    """The token kernel rather than the pair kernel (reading rows_dtype) on the table with rows row_ptr:
+    TABLE_SHARE_FOR_TOKENS."""
     B, k = pairs.idx_Bk.shape
-    return int(row_ptr[-1]) >= TABLE_SHARE_FOR_TOKENS * B * k * (k - 1)
+    return int(row_ptr[-1]) >= TABLE_SHARE_FOR_TOKENS[rows_dtype] * B * k * (k - 1)
 
 
 def occurrence_penalty(W_dec: torch.Tensor, pairs: TokenPairs, omega_Bkk: torch.Tensor, n: int,
@@ -391,7 +407,7 @@ def table_penalty(W_dec: torch.Tensor, table: PairTable, n: int, dtype: torch.dt
 
         kernel = functools.partial(pair_rows_abs_cosine, table.kernels, table.row_ptr, table.cols, table.values,
                                    weight_F=table.weight_F)
-        return _KernelAbsCosine.apply(W_dec, kernel) / n
+        return _KernelAbsCosine.apply(W_dec, kernel, pair_rows_dtype(dtype, table.kernels)) / n
     return _GramAbsCosine.apply(W_dec, table.values, dtype) / n
 
 

@@ -21,8 +21,8 @@ import torch
 
 from trainers.base import register
 from trainers.competition import (CompetitionConfig, CompetitionTrainer, cofiring_pairs, competition_penalty,
-                                  occurrence_penalty, pair_kernels, per_latent_sum, table_penalty, token_kernel_penalty,
-                                  token_kernel_wanted)
+                                  occurrence_penalty, pair_kernels, pair_rows_dtype, per_latent_sum, table_penalty,
+                                  token_kernel_penalty, token_kernel_wanted)
 from workbench.config import ConfigError, configclass, param
 
 
@@ -75,7 +75,8 @@ class MomentumTrainer(CompetitionTrainer):
             self.momentum_F.mul_(cfg.beta).add_((1 - cfg.beta) * signal_F)
             cut = self.momentum_F.float().quantile(cfg.tau) if cfg.normalize == "quantile" else cfg.tau
             w_F = 1.0 + (self.momentum_F > cut).float()
-        if kernels is not None and token_kernel_wanted(tokens, table.row_ptr):  # each occurrence's weight inside
+        if kernels is not None and token_kernel_wanted(tokens, table.row_ptr, pair_rows_dtype(dtype, kernels)):
+            # each occurrence's weight inside the token kernel
             value = cfg.lambda2 * token_kernel_penalty(self.sae.W_dec, tokens, w_F, n, kernels)
         elif kernels is not None:  # coefficients (w_i + w_j) n_ij, scaled in the pair kernel
             value = cfg.lambda2 * table_penalty(self.sae.W_dec, dataclasses.replace(table, weight_F=w_F), n, dtype)

@@ -50,25 +50,27 @@ def bf16_matrix_engine(device_type: str) -> bool:
     return device_type == "cuda" or (device_type == "cpu" and "amx_bf16" in cpu_flags().split())
 
 
-def load(cache_dir: Path, compiler: str | None = None) -> ctypes.CDLL:
+def load(cache_dir: Path, compiler: str | None = None, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """The compiled kernels (built on first use into cache_dir/kernels/<key>/; an atomic rename publishes
-    them), with compiler, else $CC, else cc. Raises Unavailable with the reason."""
-    return _load(Path(cache_dir), compiler or os.environ.get("CC") or "cc")
+    them), with compiler, else $CC, else cc, and extra_flags after FLAGS (tests build the portable versions with
+    e.g. -mno-avx512bf16). Raises Unavailable with the reason."""
+    return _load(Path(cache_dir), compiler or os.environ.get("CC") or "cc", tuple(extra_flags))
 
 
 @functools.cache
-def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
+def _load(cache_dir: Path, compiler: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     cc_path = shutil.which(compiler)
     if cc_path is None:
         raise Unavailable(f"no C compiler '{compiler}' on PATH")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc_path.encode(), cpu_flags().encode()]))
+    flags = [*FLAGS, *extra_flags]
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc_path.encode(), cpu_flags().encode()]))
     target = cache_dir / "kernels" / key.hexdigest()[:24] / "cpu_kernels.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            proc = subprocess.run([cc_path, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            proc = subprocess.run([cc_path, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
             if proc.returncode != 0:
                 first = (proc.stderr.strip().splitlines() or ["no output"])[0]
                 raise Unavailable(f"'{compiler}' could not build {SOURCE.name}: {first}")
@@ -81,6 +83,9 @@ def _load(cache_dir: Path, compiler: str) -> ctypes.CDLL:
     lib.rope_f32.argtypes = lib.rope_bf16.argtypes
     lib.pair_rows_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
     lib.pair_rows_abs_cosine_f32.restype = ctypes.c_double
+    lib.pair_rows_abs_cosine_bf16.argtypes = lib.pair_rows_abs_cosine_f32.argtypes
+    lib.pair_rows_abs_cosine_bf16.restype = ctypes.c_double
+    lib.pair_rows_bf16_vectorized.restype = ctypes.c_int
     lib.pair_table_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4
     lib.pair_table_rows.restype = ctypes.c_int64
     lib.token_pairs_abs_cosine_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4
@@ -215,20 +220,26 @@ def token_pairs_abs_cosine(lib: ctypes.CDLL, idx_Bk: torch.Tensor, active_Bk: to
 def pair_rows_abs_cosine(lib: ctypes.CDLL, row_ptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
                          W_FD: torch.Tensor, weight_F: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
     """(sum_ij K_ij |w_i . w_j|, KS W with KS = K * sign(W W^T)) for a symmetric K >= 0 with a zero diagonal given
-    by rows as pair_table_rows gives it (zero entries are skipped) and float32 rows W, all contiguous on a CPU:
-    the work is K's nonzeros, not n^2. With per-latent weights (float32, n), K_ij = vals_ij (weight_i + weight_j)."""
+    by rows as pair_table_rows gives it (zero entries are skipped) and rows W in float32 or bfloat16 (the products
+    of its values, summed in float32), all contiguous on a CPU: the work is K's nonzeros, not n^2. KS W is float32.
+    With per-latent weights (float32, n), K_ij = vals_ij (weight_i + weight_j)."""
     assert row_ptr.dtype == torch.int64 and cols.dtype == torch.int32
-    assert vals.dtype == W_FD.dtype == torch.float32 and W_FD.is_contiguous()
+    assert vals.dtype == torch.float32 and W_FD.dtype in HARVEST_DTYPES and W_FD.is_contiguous()
     assert all(t.is_contiguous() for t in (row_ptr, cols, vals))
     n, d = W_FD.shape
     assert row_ptr.shape == (n + 1,) and cols.shape == vals.shape == (int(row_ptr[-1]),)
     if weight_F is not None:
         assert weight_F.dtype == torch.float32 and weight_F.shape == (n,) and weight_F.is_contiguous()
-    half_FD = torch.empty_like(W_FD)
-    value = lib.pair_rows_abs_cosine_f32(row_ptr.data_ptr(), cols.data_ptr(), vals.data_ptr(),
-                                         0 if weight_F is None else weight_F.data_ptr(), W_FD.data_ptr(),
-                                         half_FD.data_ptr(), n, d)
+    half_FD = torch.empty(n, d, dtype=torch.float32)
+    value = _kernel(lib, "pair_rows_abs_cosine", W_FD)(row_ptr.data_ptr(), cols.data_ptr(), vals.data_ptr(),
+                                                       0 if weight_F is None else weight_F.data_ptr(), W_FD.data_ptr(),
+                                                       half_FD.data_ptr(), n, d)
     return value, half_FD
+
+
+def pair_rows_bf16_vectorized(lib: ctypes.CDLL) -> bool:
+    """pair_rows_abs_cosine's bf16 rows run on AVX512-BF16 dot products here (built with them), not one by one."""
+    return bool(lib.pair_rows_bf16_vectorized())
 
 
 def weighted_row_sums(lib: ctypes.CDLL, src: torch.Tensor, pick_E: torch.Tensor, group_E: torch.Tensor,
