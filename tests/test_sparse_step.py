@@ -63,9 +63,26 @@ def test_sparse_step_equals_dense(name, k_aux):
 def test_relu_sparse_step_equals_dense(name, max_density, monkeypatch):
     import trainers.relu
     from workbench.sae_ops import Codes
-    monkeypatch.setattr(trainers.relu, "SPARSE_MAX_DENSITY", max_density)
+    monkeypatch.setattr(trainers.relu, "SPARSE_MAX_DENSITY", dict.fromkeys(trainers.relu.SPARSE_MAX_DENSITY, max_density))
     out_s = check_sparse_step_equals_dense(name, 6)
     assert isinstance(out_s.latents, Codes) == (max_density == 1.0)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_relu_density_limit_is_the_compute_dtypes(compute_dtype):
+    """A ReLU step with ~6% of its entries active: sparse in float32 (limit 8%), the dense products in bf16 (2.5%,
+    where bf16's dense products run several times float32's rate)."""
+    from trainers.relu import SPARSE_MAX_DENSITY
+    from workbench.sae_ops import Codes
+
+    (_, sparse), batches = pair("relu", compute_dtype)
+    with torch.no_grad():  # each latent's 95% quantile of pre over the batch as its threshold
+        pre_BF = sparse.sae.pre_acts(batches[0]) - sparse.sae.b_enc
+        sparse.sae.b_enc.copy_(-pre_BF.quantile(0.95, dim=0))
+    out = sparse.step(batches[0])
+    density = (out.latents_BF > 0).float().mean().item()  # 4 of 64 rows per latent
+    assert SPARSE_MAX_DENSITY["bfloat16"] < density < SPARSE_MAX_DENSITY["float32"]
+    assert isinstance(out.latents, Codes) == (compute_dtype == "float32")
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here: the kernels are not built")
@@ -77,7 +94,7 @@ def test_sparse_step_with_the_cpu_kernels_equals_dense(name, tmp_path, monkeypat
     active entries."""
     import trainers.relu
     from workbench import cpu_kernels
-    monkeypatch.setattr(trainers.relu, "SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(trainers.relu, "SPARSE_MAX_DENSITY", dict.fromkeys(trainers.relu.SPARSE_MAX_DENSITY, 1.0))
     lib = cpu_kernels.load(tmp_path)
     calls, original = [], cpu_kernels.weighted_row_sums
     monkeypatch.setattr(cpu_kernels, "weighted_row_sums", lambda *a, **kw: calls.append(kw) or original(*a, **kw))

@@ -5,7 +5,7 @@
 
 Sparse step (sae.sparse_step, as the TopK family's): the codes are the active entries (pre > 0; ReLU sends no
 gradient elsewhere), so the decoder is an embedding bag and the encoder's backward touches those entries only.
-A step whose codes are denser than SPARSE_MAX_DENSITY (the first steps: half the entries fire at init) takes the
+A step whose codes are denser than SPARSE_MAX_DENSITY of its compute dtype (the first steps: half the entries fire at init) takes the
 dense step's products instead. Same loss and gradients either way (tests/test_sparse_step.py).
 """
 from __future__ import annotations
@@ -18,9 +18,11 @@ from workbench.config import configclass, param
 from workbench.sae_ops import Codes, Encoding
 
 # The share of active entries above which a step's dense products beat the sparse ops, which pay per entry what
-# the dense ones pay per latent: sparse / dense 0.95x at 10% at the quickstart's size, 1.02x at 8% at Gemma-2's
-# (the encoder bias set for each density; notes.txt, session 17)
-SPARSE_MAX_DENSITY = 0.08
+# the dense ones pay per latent, by the step's compute dtype: in float32 sparse / dense 0.95x at 10% at the
+# quickstart's size, 1.02x at 8% at Gemma-2's (AVX2; notes.txt, session 17); in bf16, where the dense products run
+# ~5x float32's rate, 1.06x at 2.3%, 0.91x at 3.1% at the quickstart's size and 1.23x at 1.6% at Gemma-2's
+# (AVX512-BF16; session 21; the encoder bias set for each density)
+SPARSE_MAX_DENSITY = {"float32": 0.08, "bfloat16": 0.025}
 
 
 @configclass
@@ -40,7 +42,8 @@ def relu_latents(trainer: Trainer, enc: Encoding) -> Codes | torch.Tensor:
     (B, F) latents."""
     if enc.sparse:
         active_BF = enc.pre_BF > 0
-        if int(active_BF.count_nonzero()) <= SPARSE_MAX_DENSITY * active_BF.numel():
+        max_density = SPARSE_MAX_DENSITY["bfloat16" if trainer.autocast else "float32"]
+        if int(active_BF.count_nonzero()) <= max_density * active_BF.numel():
             return enc.mask_codes(active_BF)
     return trainer.sae.activate(enc.dense_pre())
 
