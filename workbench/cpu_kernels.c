@@ -358,7 +358,8 @@ double pair_rows_abs_cosine_bf16(const int64_t *row_ptr, const int32_t *cols, co
    twice. Returns the number of entries. With omega NULL the weights are the entries' activity (active, B x k bytes):
    1 for each pair of active entries r != s, so the table holds the co-firing counts C_ij, without a B x k x k weight
    tensor; with inv_fires (1 / a_i, n) as well, 1 / min(a_i, a_j) = max(1 / a_i, 1 / a_j) instead, so it holds the
-   overlaps n_ij = C_ij / min(a_i, a_j). */
+   overlaps n_ij = C_ij / min(a_i, a_j). An entry's weight as a partner (0 if it did not fire, else 1 / a_j or 1) is made
+   once per entry, not once per occurrence of its token (1.7 -> 1.25 ms on a trained quickstart SAE's codes). */
 #define PREFETCH_AHEAD 4
 
 static inline void prefetch_bytes(const void *at, int64_t bytes) {
@@ -393,6 +394,14 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
         free(start), free(at), free(slot);
         return -1;
     }
+    /* from the activity mask: each entry's weight as a partner, made once per entry (not once per occurrence of its
+       token): 0 where it did not fire, else 1 / a of its latent (the overlaps) or 1 (the counts) */
+    float *partner_weight = omega ? NULL : malloc((size_t)(B * k) * sizeof(float));
+    if (!omega) {
+        #pragma omp parallel for schedule(static)
+        for (int64_t e = 0; e < B * k; e++)
+            partner_weight[e] = active[e] ? (inv_fires ? inv_fires[idx[e]] : 1.f) : 0.f;
+    }
     #pragma omp parallel
     {
         float *acc = calloc((size_t)n, sizeof(float));  /* the row's sums so far; its partners listed in seen */
@@ -401,6 +410,7 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
         #pragma omp for schedule(dynamic, 16)
         for (int64_t i = 0; i < n; i++) {
             int64_t m = 0;
+            const float self_weight = inv_fires ? inv_fires[i] : 0.f;
             for (int64_t t = start[i]; t < start[i + 1]; t++) {
                 const int64_t e = at[t];
                 const int64_t *partners = idx + (e / k) * k;
@@ -410,16 +420,17 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
                     if (omega)
                         prefetch_bytes(omega + f * k, k * sizeof(float));
                     else
-                        prefetch_bytes(active + (f / k) * k, k);
+                        prefetch_bytes(partner_weight + (f / k) * k, k * sizeof(float));
                     prefetch_bytes(idx + (f / k) * k, k * sizeof(int64_t));
                 }
-                if (!omega) {
-                    const uint8_t *token_active = active + (e / k) * k, self_active = active[e] != 0;
-                    for (int64_t s = 0; s < k; s++)
-                        activity[s] = (float)(self_active & (token_active[s] != 0) & (s != e % k));
-                    if (inv_fires)
-                        for (int64_t s = 0; s < k; s++)
-                            activity[s] *= inv_fires[i] > inv_fires[partners[s]] ? inv_fires[i] : inv_fires[partners[s]];
+                if (!omega) {  /* 1 / min(a_i, a_j) = max(1 / a_i, 1 / a_j) for each other entry that fired */
+                    if (!active[e])
+                        continue;
+                    const float *token_weight = partner_weight + (e / k) * k;
+                    for (int64_t s = 0; s < k; s++) {
+                        const float w = token_weight[s];
+                        activity[s] = (w != 0.f) & (s != e % k) ? (w > self_weight ? w : self_weight) : 0.f;
+                    }
                 }
                 for (int64_t s = 0; s < k; s++) {  /* branch free: whether j is new is a coin flip */
                     const float v = weights[s];
@@ -446,6 +457,7 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
         free(seen);
         free(activity);
     }
+    free(partner_weight);
     row_ptr[0] = 0;
     for (int64_t i = 0; i < n; i++) {  /* down to CSR: a row's start never passes its slot's, so memmove in order */
         const int64_t m = row_ptr[i + 1];
