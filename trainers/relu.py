@@ -5,8 +5,8 @@
 
 Sparse step (sae.sparse_step, as the TopK family's): the codes are the active entries (pre > 0; ReLU sends no
 gradient elsewhere), so the decoder is an embedding bag and the encoder's backward touches those entries only.
-A step whose codes are denser than SPARSE_MAX_DENSITY of its compute dtype (the first steps: half the entries fire at init) takes the
-dense step's products instead. Same loss and gradients either way (tests/test_sparse_step.py).
+A step whose codes are denser than SPARSE_MAX_DENSITY of its compute dtype (the first steps: half the entries fire
+at init) takes the dense step's products instead. Same loss and gradients either way (tests/test_sparse_step.py).
 """
 from __future__ import annotations
 
