@@ -402,3 +402,27 @@ def test_batch_topk_entries_equal_the_mask(lib, B, F, k_total):
     if B == 37:  # the cutoff splits a run of ties
         cut = pre.relu()[rows, cols].min()
         assert (pre.relu() == cut).sum() > (pre.relu()[rows, cols] == cut).sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, F, k, ties", [(1024, 2048, 32, False), (64, 16384, 64, False), (300, 2048, 32, True),
+                                          (50, 100, 30, True), (20, 9, 9, False), (7, 333, 1, True)])
+def test_row_topk_equals_a_stable_sort(lib, B, F, k, ties, dtype):
+    """TopK's selection by the kernel (blocks' maxima, then a heap) against each row's first k columns in a stable sort
+    by value, descending (ties to the lowest columns), ascending: real values (1024 x 2048, k 32, as the quickstart;
+    Gemma-2's 16384, k 64); values rounded to halves (runs of ties split at the cutoff; 0.0 and -0.0 among them);
+    k above F / 8 (no blocks: the heap over the row); k = F; k = 1. And the kept values equal torch.topk's."""
+    g = torch.Generator().manual_seed(B + F)
+    pre = torch.randn(B, F, generator=g)
+    if ties:
+        pre = (pre * 2).round() / 2
+        pre[:, :F // 3] = pre[:, :F // 3].abs().neg()  # -0.0 where round gave 0 in the first third
+    pre = pre.to(dtype)
+    got = cpu_kernels.row_topk(lib, pre, k)
+    ref = pre.float().sort(dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+    assert torch.equal(got, ref)
+    assert torch.equal(pre.gather(1, got).sort(dim=1).values, pre.topk(k, dim=1).values.sort(dim=1).values)
+    if ties:  # the cutoff splits a run of equal values in some rows, and zeros of both signs are there to tie
+        cut = pre.gather(1, got).min(dim=1, keepdim=True).values
+        assert ((pre == cut).sum(1) > (pre.gather(1, got) == cut).sum(1)).any()
+        assert (pre.float().view(torch.int32) == torch.tensor(-0.0).view(torch.int32)).any()

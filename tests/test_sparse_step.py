@@ -125,19 +125,38 @@ def check_sparse_step_equals_dense(name, k_aux, kernels=None):
     return out_s
 
 
+@pytest.mark.parametrize("with_kernels", [False, True])
 @pytest.mark.parametrize("k_aux", [6, 16])
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "jumprelu"])
-def test_sparse_step_in_bfloat16_is_as_close_to_float32_as_the_dense_step(name, k_aux):
+def test_sparse_step_in_bfloat16_is_as_close_to_float32_as_the_dense_step(name, k_aux, with_kernels, tmp_path,
+                                                                          monkeypatch):
     """Under bf16 autocast both steps round; the sparse one (float32 accumulation in its bags and
-    index_adds) may not stray further from the float32 gradients than the dense one does."""
+    index_adds) may not stray further from the float32 gradients than the dense one does. With the CPU kernels (a
+    bf16 run's codes cast to float32 for the bag and its gradients, the row top-k on bf16 pre-activations, batchtopk's
+    radix select) likewise, and the same entries selected as without them."""
+    kernels = None
+    if with_kernels:
+        if shutil.which("cc") is None:
+            pytest.skip("no C compiler here: the kernels are not built")
+        from workbench import cpu_kernels
+        kernels, calls = cpu_kernels.load(tmp_path), []
+        for fn in ("weighted_row_sums", "row_topk", "batch_topk_entries"):
+            original = getattr(cpu_kernels, fn)
+            monkeypatch.setattr(cpu_kernels, fn, lambda *a, _o=original, _n=fn, **kw: calls.append((_n, kw)) or _o(*a, **kw))
     (ref, _), batches = pair(name, "float32", k_aux=k_aux)
-    _, g_ref = grads(ref, batches[0])
-    (dense16, sparse16), _ = pair(name, "bfloat16", k_aux=k_aux)
+    out_r, g_ref = grads(ref, batches[0])
+    (dense16, sparse16), _ = pair(name, "bfloat16", k_aux=k_aux, kernels=kernels)
     _, g_d = grads(dense16, batches[0])
-    _, g_s = grads(sparse16, batches[0])
+    out_s, g_s = grads(sparse16, batches[0])
     for gr, gd, gs in zip(g_ref, g_d, g_s):
         err_d, err_s = ((gd - gr).norm() / gr.norm()).item(), ((gs - gr).norm() / gr.norm()).item()
         assert err_s <= max(1.5 * err_d, 1e-3), (err_s, err_d)
+    if with_kernels:
+        assert ("weighted_row_sums", {}) in calls  # the decoder's bag (the encoder's gradient: transposed=True)
+        selection = {"topk": "row_topk", "batchtopk": "batch_topk_entries"}.get(name)
+        assert selection is None or (selection, {}) in calls
+        # the same selection as the float32 step's, up to bf16's rounding of pre-activations near a cutoff
+        assert ((out_s.latents_BF > 0) == (out_r.latents_BF > 0)).float().mean() > 0.99
 
 
 def test_auto_picks_by_measured_rule():

@@ -806,3 +806,99 @@ uint32_t batch_topk_entries_f32(const float *pre, int64_t B, int64_t F, int64_t 
     free(equal);
     return cut;
 }
+
+/* TopK's selection: each row's k largest entries of pre (B x F, float32 or bf16), their columns in ascending order,
+   ties at the cutoff to the lowest columns. Floats map to unsigned keys of the same order. The row is cut into 2k
+   blocks; the k-th largest of the blocks' maxima is a threshold that at least k keys reach (one in each of k blocks)
+   and few more do (~1.4k for i.i.d. keys); the columns at or above it, found only in the blocks whose maximum reaches
+   it, go through a min-heap of k, whose least is the cutoff. torch's topk took 4.8-5.3 ms of a 35-ms bf16 TopK step at
+   the quickstart's 1024 x 2048, k 32 (notes.txt, session 22). */
+static inline uint32_t order_key(float v) {  /* a < b as floats (NaN aside) iff key(a) < key(b) as unsigned */
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    u = u == 0x80000000u ? 0 : u;  /* -0 == +0: one key, so they tie */
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+static inline void heap_sift_down(uint32_t *h, int64_t k, int64_t i) {  /* min-heap: h[0] the least */
+    const uint32_t v = h[i];
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= k)
+            break;
+        if (c + 1 < k && h[c + 1] < h[c])
+            c++;
+        if (h[c] >= v)
+            break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = v;
+}
+
+/* the k-th largest of key[at[0..n)] (at NULL: of key[0..n)), n >= k, by a min-heap of k in h */
+static inline uint32_t kth_largest_key(const uint32_t *key, const int64_t *at, int64_t n, int64_t k, uint32_t *h) {
+    for (int64_t i = 0; i < k; i++)
+        h[i] = key[at ? at[i] : i];
+    for (int64_t i = k / 2 - 1; i >= 0; i--)
+        heap_sift_down(h, k, i);
+    for (int64_t i = k; i < n; i++) {
+        const uint32_t v = key[at ? at[i] : i];
+        if (v > h[0])
+            h[0] = v, heap_sift_down(h, k, 0);
+    }
+    return h[0];
+}
+
+static inline __attribute__((always_inline)) void row_topk(const void *pre, int64_t B, int64_t F, int64_t k,
+                                                           int64_t *cols, int bf16) {
+    const int64_t blocks = 2 * k <= F / 4 ? 2 * k : 0, width = blocks ? F / blocks : F;  /* 0: the heap over all */
+    #pragma omp parallel
+    {
+        uint32_t *key = malloc((size_t)F * sizeof(uint32_t)), *heap = malloc((size_t)k * sizeof(uint32_t));
+        uint32_t *block_max = malloc((size_t)(blocks + 1) * sizeof(uint32_t));
+        int64_t *cand = malloc((size_t)F * sizeof(int64_t));
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t i = 0; i < F; i++)
+                key[i] = order_key(load_as(pre, b * F + i, bf16));
+            int64_t n = 0;
+            if (blocks) {
+                for (int64_t q = 0; q < blocks; q++) {  /* the last block takes the remainder */
+                    const int64_t end = q == blocks - 1 ? F : (q + 1) * width;
+                    uint32_t m = 0;
+                    for (int64_t i = q * width; i < end; i++)
+                        m = key[i] > m ? key[i] : m;
+                    block_max[q] = m;
+                }
+                const uint32_t t = kth_largest_key(block_max, NULL, blocks, k, heap);
+                for (int64_t q = 0; q < blocks; q++)
+                    if (block_max[q] >= t) {
+                        const int64_t end = q == blocks - 1 ? F : (q + 1) * width;
+                        for (int64_t i = q * width; i < end; i++)
+                            cand[n] = i, n += key[i] >= t;
+                    }
+            } else
+                for (; n < F; n++)
+                    cand[n] = n;
+            const uint32_t cut = kth_largest_key(key, cand, n, k, heap);
+            int64_t above = 0;
+            for (int64_t j = 0; j < n; j++)
+                above += key[cand[j]] > cut;
+            int64_t ties = k - above, o = 0;
+            int64_t *out = cols + b * k;
+            for (int64_t j = 0; j < n && o < k; j++) {
+                const uint32_t v = key[cand[j]];
+                if (v > cut || (v == cut && ties-- > 0))
+                    out[o++] = cand[j];
+            }
+        }
+        free(key);
+        free(heap);
+        free(block_max);
+        free(cand);
+    }
+}
+
+void row_topk_f32(const float *pre, int64_t B, int64_t F, int64_t k, int64_t *cols) { row_topk(pre, B, F, k, cols, 0); }
+void row_topk_bf16(const uint16_t *pre, int64_t B, int64_t F, int64_t k, int64_t *cols) { row_topk(pre, B, F, k, cols, 1); }

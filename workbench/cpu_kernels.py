@@ -94,6 +94,8 @@ def _load(cache_dir: Path, compiler: str, extra_flags: tuple[str, ...] = ()) -> 
     lib.row_dots_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.batch_topk_entries_f32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
     lib.batch_topk_entries_f32.restype = ctypes.c_uint32
+    lib.row_topk_f32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.row_topk_bf16.argtypes = lib.row_topk_f32.argtypes
     return lib
 
 
@@ -279,6 +281,17 @@ def batch_topk_entries(lib: ctypes.CDLL, pre_BF: torch.Tensor, k_total: int) -> 
     if k_total > 0:
         lib.batch_topk_entries_f32(pre_BF.data_ptr(), B, F, k_total, rows.data_ptr(), cols.data_ptr())
     return rows, cols
+
+
+def row_topk(lib: ctypes.CDLL, pre_BF: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) int64: each row's k largest columns of pre (float32 or bf16, contiguous on a CPU), ascending, ties at the
+    cutoff to the lowest columns: the set torch.topk(pre, k).indices holds, up to which tied entries it takes."""
+    assert pre_BF.dtype in HARVEST_DTYPES and pre_BF.is_contiguous() and pre_BF.device.type == "cpu" and pre_BF.dim() == 2
+    B, F = pre_BF.shape
+    assert 0 < k <= F, (k, F)
+    cols = torch.empty((B, k), dtype=torch.int64)
+    getattr(lib, f"row_topk_{HARVEST_DTYPES[pre_BF.dtype]}")(pre_BF.data_ptr(), B, F, k, cols.data_ptr())
+    return cols
 
 
 def _fused_rotary(original, lib: ctypes.CDLL):

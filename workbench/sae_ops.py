@@ -84,7 +84,7 @@ def sparse_step_wanted(setting: str, d_sae: int, compute_dtype: str, matrix_engi
 def bag_sum(rows_E: torch.Tensor, idx_E: torch.Tensor, vals_E: torch.Tensor, W_FD: torch.Tensor,
             n_rows: int, kernels=None) -> torch.Tensor:
     """out_b = sum over the entries e of row b of vals_e * W[idx_e]: an embedding bag (entries sorted by
-    row), B*k*D work where the dense product is B*F*D. With the CPU kernels (float32 on a CPU): _KernelBag."""
+    row), B*k*D work where the dense product is B*F*D. With the CPU kernels (float32 or bf16 on a CPU): _KernelBag."""
     if kernels is not None and _kernels_apply(W_FD, vals_E):
         return _KernelBag.apply(vals_E, W_FD, rows_E, idx_E, n_rows, kernels)
     offsets_B = torch.searchsorted(rows_E, torch.arange(n_rows, device=rows_E.device))
@@ -92,30 +92,37 @@ def bag_sum(rows_E: torch.Tensor, idx_E: torch.Tensor, vals_E: torch.Tensor, W_F
 
 
 def _kernels_apply(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    """The CPU kernels take these: on a CPU, float32 or bf16 (autocast's codes; cast to float32 on the way in, exactly)."""
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) for t in tensors)
 
 
 class _KernelBag(torch.autograd.Function):
     """bag_sum by the CPU kernels (workbench/cpu_kernels.py): x_hat_b = sum over row b's entries of vals_e W[idx_e];
     backward d vals_e = g_{row e} . W[idx_e] and dW[i] = sum over latent i's entries of vals_e g_{row e}, each one pass
     where torch's embedding bag sorts the entries for its weight gradient (the three took 12.3 ms of a 67 ms TopK
-    step at the quickstart's size, notes.txt session 17)."""
+    step at the quickstart's size in float32, notes.txt session 17; 10 ms of 35 in bf16, session 22). In float32
+    throughout: bf16 codes (autocast's) are cast exactly, and W stays float32 where torch's bag would round it to
+    bf16; the gradients go back in their inputs' dtypes."""
 
     @staticmethod
     def forward(ctx, vals_E, W_FD, rows_E, idx_E, n_rows, kernels):
         from workbench.cpu_kernels import weighted_row_sums
         ctx.save_for_backward(vals_E, W_FD, rows_E, idx_E)
         ctx.kernels = kernels
-        return weighted_row_sums(kernels, W_FD.contiguous(), idx_E.contiguous(), rows_E.contiguous(), vals_E.contiguous(),
-                                 n_rows)
+        return weighted_row_sums(kernels, W_FD.float().contiguous(), idx_E.contiguous(), rows_E.contiguous(),
+                                 vals_E.float().contiguous(), n_rows)
 
     @staticmethod
     def backward(ctx, g_BD):
         from workbench.cpu_kernels import row_dots, weighted_row_sums
         vals_E, W_FD, rows_E, idx_E = (t.contiguous() for t in ctx.saved_tensors)
         g_BD = g_BD.float().contiguous()
-        d_vals = row_dots(ctx.kernels, g_BD, rows_E, W_FD, idx_E) if ctx.needs_input_grad[0] else None
-        d_W = weighted_row_sums(ctx.kernels, g_BD, rows_E, idx_E, vals_E, W_FD.shape[0]) if ctx.needs_input_grad[1] else None
+        W32_FD = W_FD.float()
+        d_vals = d_W = None
+        if ctx.needs_input_grad[0]:
+            d_vals = row_dots(ctx.kernels, g_BD, rows_E, W32_FD, idx_E).to(vals_E.dtype)
+        if ctx.needs_input_grad[1]:
+            d_W = weighted_row_sums(ctx.kernels, g_BD, rows_E, idx_E, vals_E.float(), W_FD.shape[0]).to(W_FD.dtype)
         return d_vals, d_W, None, None, None, None
 
 
@@ -157,14 +164,15 @@ def csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tup
 def encoder_weight_grad(sae_in_BD: torch.Tensor, rows_E: torch.Tensor, idx_E: torch.Tensor, g_E: torch.Tensor, n: int,
                         by_rows: bool | None = None, kernels=None) -> torch.Tensor:
     """dW_enc (D, n) = sae_in^T G for G (B, n) nonzero only at the entries (rows_E sorted). With the CPU kernels
-    (workbench/cpu_kernels.py; float32 on a CPU): their by-latent sums, in W_enc's layout (8x dense @ CSR's speed at the
+    (workbench/cpu_kernels.py; on a CPU, in float32): their by-latent sums, in W_enc's layout (8x dense @ CSR's speed at the
     quickstart's size, 2.5x at Gemma-2's). Else by_rows (the default on a CPU): dense @ CSR, which writes that
     layout directly; or the (n, D) product G^T sae_in, transposed, which autograd then copies into that layout: a
     transposing copy of the whole matrix, 120 ms of a 200 ms backward at 2304 x 16384 on a CPU (noise on a GPU,
     where dense @ CSR is not relied on)."""
     if kernels is not None and _kernels_apply(sae_in_BD, g_E):  # column i: the sum of g_e sae_in[row e] over i's entries
         from workbench.cpu_kernels import weighted_row_sums
-        return weighted_row_sums(kernels, *(t.contiguous() for t in (sae_in_BD, rows_E, idx_E, g_E)), n, transposed=True)
+        return weighted_row_sums(kernels, sae_in_BD.float().contiguous(), rows_E.contiguous(), idx_E.contiguous(),
+                                 g_E.float().contiguous(), n, transposed=True)
     B = sae_in_BD.shape[0]
     if by_rows is None:
         by_rows = sae_in_BD.device.type == "cpu"
@@ -330,11 +338,17 @@ class Encoding:
         return _ColumnPreActs.apply(pre_BC, self.sae_in_BD, self.W_enc_DF, self.b_enc_F, cols_C)
 
     def topk_codes(self, k: int, among: torch.Tensor | None = None) -> Codes:
-        """Each row's k largest pre-activations (among the given latents: AuxK's dead ones), ReLU'd."""
+        """Each row's k largest pre-activations (among the given latents: AuxK's dead ones), ReLU'd. With the CPU
+        kernels, by their row top-k where it beats torch's (k at most 1/8 of the row: 3.5x at the quickstart's 1024 x
+        2048, k 32; 3x at 16384 latents, k 64); the same set up to which of tied entries at the cutoff it takes."""
         pre = self.pre_BF.detach()
         if among is not None:
             pre = pre.index_select(1, among)
-        idx_BK = pre.topk(k, dim=-1, sorted=False).indices
+        if self.kernels is not None and 8 * k <= pre.shape[1] and _kernels_apply(pre):
+            from workbench.cpu_kernels import row_topk
+            idx_BK = row_topk(self.kernels, pre.contiguous(), k)
+        else:
+            idx_BK = pre.topk(k, dim=-1, sorted=False).indices
         if among is not None:
             idx_BK = among[idx_BK]
         rows_E = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
