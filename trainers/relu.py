@@ -18,11 +18,18 @@ from workbench.config import configclass, param
 from workbench.sae_ops import Codes, Encoding
 
 # The share of active entries above which a step's dense products beat the sparse ops, which pay per entry what
-# the dense ones pay per latent, by the step's compute dtype: in float32 sparse / dense 0.95x at 10% at the
-# quickstart's size, 1.02x at 8% at Gemma-2's (AVX2; notes.txt, session 17); in bf16, where the dense products run
-# ~5x float32's rate, 1.06x at 2.3%, 0.91x at 3.1% at the quickstart's size and 1.23x at 1.6% at Gemma-2's
-# (AVX512-BF16; session 21; the encoder bias set for each density)
-SPARSE_MAX_DENSITY = {"float32": 0.08, "bfloat16": 0.025}
+# the dense ones pay per latent, by the step's compute dtype and width (at least WIDE_LATENTS latents or not): in
+# float32 sparse / dense 0.95x at 10% at the quickstart's size, 1.02x at 8% at Gemma-2's (AVX2; notes.txt, session
+# 17); in bf16 (AVX512-BF16, the encoder bias set for each density; session 22, the bag on the CPU kernels)
+# 1.16x at 4.2%, 1.09x at 5.6%, 0.95x at 7.0% at the quickstart's 2048 latents, and 1.31x at 1.7%, 0.93x at 2.9% at
+# Gemma-2's 16384, whose decoder's rows the sparse ops gather from memory rather than cache
+SPARSE_MAX_DENSITY = {("float32", False): 0.08, ("float32", True): 0.08,
+                      ("bfloat16", False): 0.05, ("bfloat16", True): 0.025}
+WIDE_LATENTS = 8192
+
+
+def sparse_max_density(compute_dtype: str, d_sae: int) -> float:
+    return SPARSE_MAX_DENSITY[(compute_dtype, d_sae >= WIDE_LATENTS)]
 
 
 @configclass
@@ -42,7 +49,7 @@ def relu_latents(trainer: Trainer, enc: Encoding) -> Codes | torch.Tensor:
     (B, F) latents."""
     if enc.sparse:
         active_BF = enc.pre_BF > 0
-        max_density = SPARSE_MAX_DENSITY["bfloat16" if trainer.autocast else "float32"]
+        max_density = sparse_max_density("bfloat16" if trainer.autocast else "float32", active_BF.shape[1])
         if int(active_BF.count_nonzero()) <= max_density * active_BF.numel():
             return enc.mask_codes(active_BF)
     return trainer.sae.activate(enc.dense_pre())
