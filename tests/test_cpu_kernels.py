@@ -382,21 +382,23 @@ def test_weighted_row_sums_and_row_dots_equal_the_dense_products(lib, B, D, n, e
     assert all(torch.equal(a, b) for a, b in zip(one, got))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B, F, k_total", [(1024, 2048, 32 * 1024), (37, 50, 111), (64, 40, 2000), (8, 16, 1000),
                                            (5, 7, 1)])
-def test_batch_topk_entries_equal_the_mask(lib, B, F, k_total):
+def test_batch_topk_entries_equal_the_mask(lib, B, F, k_total, dtype):
     """BatchTopK's kept entries by the radix select against batch_topk_mask(ReLU(pre)).nonzero(): real-valued pre;
     values rounded to halves (many ties at the cutoff, some kept and some not: lowest flat indices first); more
     places than positive entries (zeros kept from the lowest flat index on, -0.0 among them); more places than
-    entries; one."""
+    entries; one. In float32 (two radix passes) and bf16 (one; bf16's rounding of real values ties many more)."""
     from workbench.sae_ops import batch_topk_mask
     g = torch.Generator().manual_seed(B)
     pre = torch.randn(B, F, generator=g)
     if B < 1024:
         pre = (pre * 2).round() / 2
         pre[0, :3] = -0.0
+    pre = pre.to(dtype)
     rows, cols = cpu_kernels.batch_topk_entries(lib, pre, k_total)
-    ref_rows, ref_cols = batch_topk_mask(pre.relu(), k_total).nonzero(as_tuple=True)
+    ref_rows, ref_cols = batch_topk_mask(pre.float().relu(), k_total).nonzero(as_tuple=True)
     assert rows.numel() == min(k_total, B * F)
     assert torch.equal(rows, ref_rows) and torch.equal(cols, ref_cols)
     if B == 37:  # the cutoff splits a run of ties

@@ -51,12 +51,12 @@ def global_batch_topk_mask(act_BF: torch.Tensor, k_total: int) -> torch.Tensor:
 
 def batch_topk_entries(enc: Encoding, k_total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, latents) of the entries BatchTopK keeps, row-major: by the CPU kernels in one process (a radix select
-    on float32 pre-activations, bf16 ones cast exactly; no B x F mask or ReLU'd copy: 3x faster at the quickstart's
-    size, notes.txt session 17), else global_batch_topk_mask's."""
+    on float32 or bf16 pre-activations; no B x F mask or ReLU'd copy: 3x faster at the quickstart's size, notes.txt
+    session 17), else global_batch_topk_mask's."""
     pre_BF = enc.pre_BF.detach()
     if enc.kernels is not None and not distributed.ctx().data_parallel and pre_BF.dtype in (torch.float32, torch.bfloat16):
         from workbench.cpu_kernels import batch_topk_entries as by_kernel
-        return by_kernel(enc.kernels, pre_BF.float().contiguous(), k_total)
+        return by_kernel(enc.kernels, pre_BF.contiguous(), k_total)
     return global_batch_topk_mask(pre_BF.relu(), k_total).nonzero(as_tuple=True)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from trainers.base import register
+from trainers.base import reconstruction_loss, register
 from trainers.batchtopk import BatchTopKConfig, BatchTopKTrainer
 from workbench.config import ConfigError, configclass, param
 from workbench.sae_ops import Codes
@@ -65,9 +65,15 @@ class MatryoshkaTrainer(BatchTopKTrainer):
     def reconstruction(self, acts_BD: torch.Tensor, codes: Codes):
         # x_hat_g = b_dec + sum over groups h <= g of group h's part: one pass over W_dec for all prefixes
         parts_BGD = codes.decode_groups(self.sae.W_dec, self.ends).to(self.sae.b_dec.dtype)
-        recon_BGD = self.sae.b_dec + parts_BGD.cumsum(dim=1)
-        prefix_losses_G = (acts_BD[:, None] - recon_BGD).pow(2).sum(dim=-1).mean(dim=0)
+        # prefix g's x_hat is prefix g-1's plus group g's part: G (B, D) sums, where b_dec + a cumsum over the groups
+        # made (B, G, D) ones along the middle dimension (16 -> 6 ms with the backward at the quickstart's size,
+        # notes.txt session 22); with one group the ops are batchtopk's
+        recon_BD, prefix_losses = self.sae.b_dec, []
+        for part_BD in parts_BGD.unbind(dim=1):
+            recon_BD = part_BD + recon_BD
+            prefix_losses.append(reconstruction_loss(acts_BD, recon_BD))
+        prefix_losses_G = torch.stack(prefix_losses)
         loss = (prefix_losses_G * self.weights_G).sum()
         parts = {"recon": prefix_losses_G[-1].detach(), "matryoshka": loss.detach()}
         parts.update({f"recon_prefix{g + 1}": v for g, v in enumerate(prefix_losses_G.detach()[:-1])})
-        return loss, parts, recon_BGD[:, -1]
+        return loss, parts, recon_BD

@@ -724,8 +724,8 @@ void row_dots_f32(const float *a, const int64_t *ia, const float *b, const int64
 /* BatchTopK's selection: the k largest entries of ReLU(pre) over the whole (B x F) batch, ties at the cutoff to the
    lowest flat indices, as (rows, cols) in row-major order: the entries of batch_topk_mask(...).nonzero(), with no
    B x F mask or ReLU'd copy made. ReLU'd values are >= 0, so their float bits order as unsigned integers: the cutoff
-   (the k-th largest) is found by two radix passes over 16 bits each (per-thread histograms), then a count pass and a
-   fill pass by rows. Writes k entries; returns the cutoff's bits. */
+   (the k-th largest) is found by two radix passes over 16 bits each (per-thread histograms; bf16: one), then a count
+   pass and a fill pass by rows. Writes k entries; returns the cutoff's bits. */
 static inline uint32_t relu_bits(float v) {  /* branchless: a branch on the sign mispredicts on half the entries (4x slower) */
     uint32_t u;
     memcpy(&u, &v, sizeof u);
@@ -734,7 +734,16 @@ static inline uint32_t relu_bits(float v) {  /* branchless: a branch on the sign
 
 #define RADIX 65536
 
-static uint32_t radix_digit(const float *pre, int64_t N, int64_t k, int pass, uint32_t prefix, int64_t *above) {
+/* entry e's ReLU'd value as float32 bits: a bf16 value's are its 16 bits then 16 zeros */
+static inline uint32_t relu_bits_at(const void *pre, int64_t e, int bf16) {
+    if (!bf16)
+        return relu_bits(((const float *)pre)[e]);
+    const uint32_t u = (uint32_t)((const uint16_t *)pre)[e] << 16;
+    return u & ~(uint32_t)((int32_t)u >> 31);
+}
+
+static inline __attribute__((always_inline)) uint32_t radix_digit(const void *pre, int64_t N, int64_t k, int pass,
+                                                                  uint32_t prefix, int64_t *above, int bf16) {
     /* the digit (bits 31-16 on pass 0, 15-0 on pass 1, among entries whose high bits are `prefix`) that holds the k-th
        largest, given `above` entries known larger; adds the entries of larger digits to *above */
     const int threads = omp_get_max_threads();
@@ -744,7 +753,7 @@ static uint32_t radix_digit(const float *pre, int64_t N, int64_t k, int pass, ui
         int64_t *h = hist + (int64_t)omp_get_thread_num() * RADIX;
         #pragma omp for schedule(static)
         for (int64_t e = 0; e < N; e++) {
-            const uint32_t u = relu_bits(pre[e]);
+            const uint32_t u = relu_bits_at(pre, e, bf16);
             if (pass == 0)
                 h[u >> 16]++;
             else if ((u >> 16) == prefix)
@@ -768,18 +777,20 @@ static uint32_t radix_digit(const float *pre, int64_t N, int64_t k, int pass, ui
     return digit;
 }
 
-uint32_t batch_topk_entries_f32(const float *pre, int64_t B, int64_t F, int64_t k, int64_t *rows, int64_t *cols) {
+static inline __attribute__((always_inline)) uint32_t batch_topk_entries(const void *pre, int64_t B, int64_t F, int64_t k,
+                                                                         int64_t *rows, int64_t *cols, int bf16) {
     const int64_t N = B * F;
     int64_t above = 0;
-    const uint32_t high = radix_digit(pre, N, k, 0, 0, &above);
-    const uint32_t cut = high << 16 | radix_digit(pre, N, k, 1, high, &above);
+    const uint32_t high = radix_digit(pre, N, k, 0, 0, &above, bf16);
+    /* bf16: the high digit is the whole value, so no second pass */
+    const uint32_t cut = high << 16 | (bf16 ? 0 : radix_digit(pre, N, k, 1, high, &above, bf16));
     /* above = entries > cut; the rest of the k are ties at cut, lowest flat index first */
     int64_t *greater = malloc((size_t)B * sizeof(int64_t)), *equal = malloc((size_t)B * sizeof(int64_t));
     #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < B; b++) {
         int64_t g = 0, q = 0;
         for (int64_t i = 0; i < F; i++) {
-            const uint32_t u = relu_bits(pre[b * F + i]);
+            const uint32_t u = relu_bits_at(pre, b * F + i, bf16);
             g += u > cut, q += u == cut;
         }
         greater[b] = g, equal[b] = q;
@@ -797,7 +808,7 @@ uint32_t batch_topk_entries_f32(const float *pre, int64_t B, int64_t F, int64_t 
     for (int64_t b = 0; b < B; b++) {
         int64_t o = greater[b], ties = equal[b];
         for (int64_t i = 0; i < F; i++) {
-            const uint32_t u = relu_bits(pre[b * F + i]);
+            const uint32_t u = relu_bits_at(pre, b * F + i, bf16);
             if (u > cut || (u == cut && ties-- > 0))
                 rows[o] = b, cols[o++] = i;
         }
@@ -805,6 +816,14 @@ uint32_t batch_topk_entries_f32(const float *pre, int64_t B, int64_t F, int64_t 
     free(greater);
     free(equal);
     return cut;
+}
+
+uint32_t batch_topk_entries_f32(const float *pre, int64_t B, int64_t F, int64_t k, int64_t *rows, int64_t *cols) {
+    return batch_topk_entries(pre, B, F, k, rows, cols, 0);
+}
+
+uint32_t batch_topk_entries_bf16(const uint16_t *pre, int64_t B, int64_t F, int64_t k, int64_t *rows, int64_t *cols) {
+    return batch_topk_entries(pre, B, F, k, rows, cols, 1);
 }
 
 /* TopK's selection: each row's k largest entries of pre (B x F, float32 or bf16), their columns in ascending order,

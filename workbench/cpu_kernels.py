@@ -94,6 +94,8 @@ def _load(cache_dir: Path, compiler: str, extra_flags: tuple[str, ...] = ()) -> 
     lib.row_dots_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.batch_topk_entries_f32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2
     lib.batch_topk_entries_f32.restype = ctypes.c_uint32
+    lib.batch_topk_entries_bf16.argtypes = lib.batch_topk_entries_f32.argtypes
+    lib.batch_topk_entries_bf16.restype = ctypes.c_uint32
     lib.row_topk_f32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     lib.row_topk_bf16.argtypes = lib.row_topk_f32.argtypes
     return lib
@@ -272,14 +274,15 @@ def row_dots(lib: ctypes.CDLL, a: torch.Tensor, ia_E: torch.Tensor, b: torch.Ten
 
 def batch_topk_entries(lib: ctypes.CDLL, pre_BF: torch.Tensor, k_total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols), int64, row-major: where sae_ops.batch_topk_mask keeps entries of ReLU(pre) (the k_total largest
-    over the batch, ties at the cutoff to the lowest flat indices), for float32 pre contiguous on a CPU; no B x F
-    mask or ReLU'd copy is made."""
-    assert pre_BF.dtype == torch.float32 and pre_BF.is_contiguous() and pre_BF.device.type == "cpu" and pre_BF.dim() == 2
+    over the batch, ties at the cutoff to the lowest flat indices), for float32 or bf16 pre contiguous on a CPU (bf16:
+    one radix pass, its 16 bits being the whole value); no B x F mask or ReLU'd copy is made."""
+    assert pre_BF.dtype in HARVEST_DTYPES and pre_BF.is_contiguous() and pre_BF.device.type == "cpu" and pre_BF.dim() == 2
     B, F = pre_BF.shape
     k_total = min(k_total, B * F)
     rows, cols = torch.empty(k_total, dtype=torch.int64), torch.empty(k_total, dtype=torch.int64)
     if k_total > 0:
-        lib.batch_topk_entries_f32(pre_BF.data_ptr(), B, F, k_total, rows.data_ptr(), cols.data_ptr())
+        getattr(lib, f"batch_topk_entries_{HARVEST_DTYPES[pre_BF.dtype]}")(pre_BF.data_ptr(), B, F, k_total, rows.data_ptr(),
+                                                                           cols.data_ptr())
     return rows, cols
 
 
