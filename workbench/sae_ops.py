@@ -73,9 +73,11 @@ def kth_largest(x_BF: torch.Tensor, k_total: int) -> torch.Tensor:
 
 def sparse_step_wanted(setting: str, d_sae: int, compute_dtype: str, matrix_engine: bool) -> bool:
     """auto: the sparse step except where the dense one measured faster: bf16 on a matrix engine
-    (workbench.cpu_kernels.bf16_matrix_engine) below 8192 latents (AMX at the quickstart's 2048: 0.9x for sparse).
+    (workbench.cpu_kernels.bf16_matrix_engine) below 8192 latents (AMX at the quickstart's 2048: 0.9x for sparse,
+    measured while bf16 steps took torch's bag and topk; since session 22 the C kernels, which took the AVX512-BF16
+    CPU's sparse step from 1.24x to ~2x its dense one there: to be measured again on AMX).
     Sparse measured faster in float32 (2.1x there, 2.6x at 2304 x 16384), in bf16 at 2304 x 16384 (1.65x AMX, 1.9x
-    AVX512-BF16) and in bf16 on AVX512-BF16 vector units at 2048 latents (1.24x)."""
+    AVX512-BF16; 2.3x there in session 22) and in bf16 on AVX512-BF16 vector units at 2048 latents."""
     if setting != "auto":
         return setting == "on"
     return compute_dtype != "bfloat16" or d_sae >= 8192 or not matrix_engine
