@@ -735,12 +735,7 @@ static inline uint32_t relu_bits(float v) {  /* branchless: a branch on the sign
 #define RADIX 65536
 
 /* entry e's ReLU'd value as float32 bits: a bf16 value's are its 16 bits then 16 zeros */
-static inline uint32_t relu_bits_at(const void *pre, int64_t e, int bf16) {
-    if (!bf16)
-        return relu_bits(((const float *)pre)[e]);
-    const uint32_t u = (uint32_t)((const uint16_t *)pre)[e] << 16;
-    return u & ~(uint32_t)((int32_t)u >> 31);
-}
+static inline uint32_t relu_bits_at(const void *pre, int64_t e, int bf16) { return relu_bits(load_as(pre, e, bf16)); }
 
 static inline __attribute__((always_inline)) uint32_t radix_digit(const void *pre, int64_t N, int64_t k, int pass,
                                                                   uint32_t prefix, int64_t *above, int bf16) {
