@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pickle
 import platform
 import shutil
 import tempfile
@@ -164,6 +165,34 @@ def embedded_checkpoint(cfg: ModelConfig) -> Path:
     return target
 
 
+def embedded_tokenizer(checkpoint: Path):
+    """The embedded checkpoint's tokenizer, with add_bos_token=True as TransformerLens wants it (given another,
+    HookedTransformer.set_tokenizer loads the tokenizer again; the harvest tokenizes without special tokens, so it
+    is the same to it). transformers 5 parses the 33 MB tokenizer.json three times and builds the 262k-token
+    vocabulary in Python on every load (3.5-3.8 s on a 2-core CPU); the loaded tokenizer is pickled beside the
+    checkpoint once per transformers and tokenizers version and unpickled after (1.3 s). A pickle that will not load
+    is rebuilt; one that cannot be written (read-only cache, disk full) is skipped."""
+    import tokenizers
+    import transformers
+    from transformers import AutoTokenizer
+
+    pickled = checkpoint / f"tokenizer-transformers{transformers.__version__}-tokenizers{tokenizers.__version__}.pkl"
+    try:
+        with open(pickled, "rb") as f:
+            return pickle.load(f)
+    except Exception:  # absent, or written by something else: load it the slow way, and pickle that
+        pass
+    tok = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True, add_bos_token=True)
+    tmp = pickled.with_name(f".{pickled.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(tok, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, pickled)  # atomic: a concurrent run reads the whole pickle or none
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return tok
+
+
 def hub_load_error(cfg: ModelConfig, e: Exception, purpose: str = "") -> ModelLoadError:
     """One line for a hub model that would not load (unreachable, gated, unknown name), naming the fix."""
     reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -179,10 +208,10 @@ def load_lm(cfg: ModelConfig):
     device = resolve_device(cfg.device)
     dtype = str_to_dtype(concrete_dtype(cfg.dtype, device))
     if cfg.name == EMBEDDED_MODEL:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         path = embedded_checkpoint(cfg)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = embedded_tokenizer(path)
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         model = HookedTransformer.from_pretrained_no_processing(
             EMBEDDED_TL_NAME, hf_model=hf, tokenizer=tok, device=str(device), dtype=dtype)
@@ -339,7 +368,7 @@ def load_hook_forward(cfg: ModelConfig, tl_model=None):
         from transformer_lens.loading_from_pretrained import get_official_model_name
         source, kwargs = get_official_model_name(cfg.name), {}
     try:
-        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+        tok = embedded_tokenizer(source) if cfg.name == EMBEDDED_MODEL else AutoTokenizer.from_pretrained(source, **kwargs)
         if eager_attention(cfg, device):
             kwargs["attn_implementation"] = "eager"
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device).eval()
