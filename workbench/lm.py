@@ -318,14 +318,55 @@ def onednn_linear(cfg: ModelConfig, device: torch.device) -> bool:
 
 
 def eager_attention(cfg: ModelConfig, device: torch.device) -> bool:
-    """Whether the hf harvest runs transformers' eager attention (matmuls, float32 softmax) instead of SDPA: bf16 on a
-    CPU without AMX. On an AVX512-BF16 CPU torch's flash-attention kernel took 20% of a bf16 LM batch, and eager
-    attention made the batch 10-12% faster (259 / 277 vs 295 / 310 ms, alternated), while in float32 SDPA was the
-    faster one (514 / 520 vs 578 / 586 ms; notes.txt, session 20)."""
+    """Whether the hf harvest runs transformers' eager attention (matmuls, float32 softmax; grouped by key/value head,
+    grouped_eager_attention) instead of SDPA: bf16 on a CPU without AMX. On an AVX512-BF16 CPU torch's flash-attention
+    kernel took 20% of a bf16 LM batch, and eager attention made the batch 10-12% faster (259 / 277 vs 295 / 310 ms,
+    alternated), while in float32 SDPA was the faster one (514 / 520 vs 578 / 586 ms; notes.txt, session 20). Grouped:
+    another 4% (median 293 -> 280 ms a batch, alternated; session 23)."""
     from workbench.cpu_kernels import bf16_matrix_engine
 
     return (harvest_path(cfg) == "hf" and device.type == "cpu" and concrete_dtype(cfg.dtype, device) == "bfloat16"
             and not bf16_matrix_engine("cpu"))
+
+
+GROUPED_EAGER = "workbench_grouped_eager"  # the attention implementation's name in transformers' registries
+
+
+def grouped_eager_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: float | None = None, softcap: float | None = None, **kwargs):
+    """transformers' eager attention (its eager_attention_forward: the scaled scores in the model dtype, the additive
+    mask, softmax in float32, back to the model dtype) with the query heads that share a key/value head multiplied as
+    one (groups * T) x d block against it, where eager first copies K and V once per query head (repeat_kv): the same
+    operations on each score, one larger matmul instead of `groups` small ones. Gemma-3-270M has 4 query heads on one
+    key/value head; one bf16 layer's attention (16 x 128 tokens) took 4.3 -> 2.9 ms on an AVX512-BF16 CPU, the same
+    bits (session 23). Anything it was not written for (a per-head mask, dropout while training) goes to eager."""
+    from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
+
+    B, n_heads, T, d = query.shape
+    n_kv, S = key.shape[1], key.shape[2]
+    if (attention_mask is not None and attention_mask.shape[1] != 1) or (dropout and module.training):
+        return eager_attention_forward(module, query, key, value, attention_mask, dropout, scaling, softcap, **kwargs)
+    groups = n_heads // n_kv
+    scores = torch.matmul(query.reshape(B, n_kv, groups * T, d), key.transpose(2, 3))
+    scores.mul_(module.head_dim ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores.div_(softcap).tanh_().mul_(softcap)
+    scores = scores.view(B, n_kv, groups, T, S)
+    if attention_mask is not None:
+        scores.add_(attention_mask[:, :, None])
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(weights.view(B, n_kv, groups * T, S), value)
+    return out.view(B, n_heads, T, d).transpose(1, 2).contiguous(), weights.view(B, n_heads, T, S)
+
+
+def register_grouped_eager() -> str:
+    """GROUPED_EAGER in transformers' attention and mask registries (the mask as eager's: additive, model dtype)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(GROUPED_EAGER, grouped_eager_attention)
+    AttentionMaskInterface.register(GROUPED_EAGER, eager_mask)
+    return GROUPED_EAGER
 
 
 def _packed_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -370,7 +411,7 @@ def load_hook_forward(cfg: ModelConfig, tl_model=None):
     try:
         tok = embedded_tokenizer(source) if cfg.name == EMBEDDED_MODEL else AutoTokenizer.from_pretrained(source, **kwargs)
         if eager_attention(cfg, device):
-            kwargs["attn_implementation"] = "eager"
+            kwargs["attn_implementation"] = register_grouped_eager()
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device).eval()
     except Exception as e:  # hub unreachable, gated, unknown name
         raise hub_load_error(cfg, e, " for the hf harvest") from None
