@@ -409,7 +409,10 @@ def load_hook_forward(cfg: ModelConfig, tl_model=None):
         from transformer_lens.loading_from_pretrained import get_official_model_name
         source, kwargs = get_official_model_name(cfg.name), {}
     try:
-        tok = embedded_tokenizer(source) if cfg.name == EMBEDDED_MODEL else AutoTokenizer.from_pretrained(source, **kwargs)
+        if cfg.name == EMBEDDED_MODEL:
+            tok = embedded_tokenizer(source)
+        else:
+            tok = AutoTokenizer.from_pretrained(source, **kwargs)
         if eager_attention(cfg, device):
             kwargs["attn_implementation"] = register_grouped_eager()
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).to(device).eval()
