@@ -37,7 +37,7 @@ def test_grouped_attention_has_eagers_bits(dtype, n_heads, n_kv, mask):
         assert torch.equal(out, ref_out)
 
 
-def test_a_per_head_mask_goes_to_eager(monkeypatch):
+def test_a_per_head_mask_goes_to_eager():
     module = types.SimpleNamespace(head_dim=16, num_key_value_groups=2, training=False)
     q, k, v, m = inputs(2, 4, 2, 9, 16, torch.float32, mask="per_head")
     m = m.clone()

@@ -1,5 +1,6 @@
 """The embedded tokenizer's pickle (workbench.lm.embedded_tokenizer): the same tokenizer as transformers loads, written
 once, read after, rebuilt when broken, skipped when it cannot be written; and TransformerLens keeps it (no reload)."""
+import os
 import shutil
 
 import pytest
@@ -77,7 +78,7 @@ def test_a_pickle_that_cannot_be_written_is_skipped(checkpoint, text, monkeypatc
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lm.pickle, "dump", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)  # the temporary file is written, then the disk is full
     assert_same(lm.embedded_tokenizer(checkpoint), ref, text)
     assert pickles(checkpoint) == []  # neither the pickle nor its temporary
 

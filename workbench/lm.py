@@ -20,6 +20,7 @@ import torch
 from sae_lens.util import get_special_token_ids, str_to_dtype
 
 from workbench.config import EMBEDDED_MODEL, ModelConfig, RunConfig, absolute_path
+from workbench.runio import atomic_write_bytes
 
 EMBEDDED_TL_NAME = "google/gemma-3-270m"  # TransformerLens's architecture entry for the embedded weights
 QUICKSTART_HINT = "for an offline run use --config run_configs/quickstart.toml (embedded gemma-3-270m)"
@@ -183,13 +184,10 @@ def embedded_tokenizer(checkpoint: Path):
     except Exception:  # absent, or written by something else: load it the slow way, and pickle that
         pass
     tok = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True, add_bos_token=True)
-    tmp = pickled.with_name(f".{pickled.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump(tok, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, pickled)  # atomic: a concurrent run reads the whole pickle or none
+    try:  # atomic: a concurrent run reads the whole pickle or none
+        atomic_write_bytes(pickled, pickle.dumps(tok, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
     return tok
 
 
