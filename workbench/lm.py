@@ -221,7 +221,57 @@ def load_lm(cfg: ModelConfig):
             raise hub_load_error(cfg, e) from None
     model.eval()
     check_hook(model, cfg)
+    lens_linear_layout(model)
     return model
+
+
+# Each TransformerLens weight that its forward copies into the layout F.linear takes, on every call (TL 3.9
+# does so to match HF's bf16 accumulation order): the permutation of its axes that is that layout.
+_TO_LINEAR_WEIGHT = {"W_in": (1, 0), "W_gate": (1, 0), "W_out": (1, 0),  # GatedMLP: W.T.contiguous()
+                     "W_U": (1, 0),  # Unembed: W_U.T.contiguous()
+                     "W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1),  # simple_attn_linear: (h d_head) d_model
+                     "_W_K": (0, 2, 1), "_W_V": (0, 2, 1),  # the same for grouped-query attention's K / V
+                     "W_O": (2, 0, 1)}  # the output projection: d_model (h d_head)
+
+
+def _lens_linear_weights(model):
+    """(module, parameter name) of every weight whose forward copies it into F.linear's layout: the
+    modules whose forward TL 3.9 writes that way, in the configurations where it does."""
+    from transformer_lens.components import Attention, GroupedQueryAttention, Unembed
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    c = model.cfg
+    attn_linear = not (c.use_split_qkv_input or c.use_attn_in or c.use_attn_result or c.load_in_4bit)
+    for module in model.modules():
+        if type(module) is GatedMLP:
+            names = ("W_in", "W_gate", "W_out")
+        elif type(module) is Unembed:
+            names = ("W_U",)
+        elif type(module) is GroupedQueryAttention and attn_linear and not c.ungroup_grouped_query_attention:
+            names = ("W_Q", "_W_K", "_W_V", "W_O")
+        elif type(module) is Attention and attn_linear:
+            names = ("W_Q", "W_K", "W_V", "W_O")
+        else:
+            continue
+        yield from ((module, name) for name in names)
+
+
+def lens_linear_layout(model) -> int:
+    """Store TransformerLens's projection weights in the layout its forward hands to F.linear, so that the
+    copy it makes of each one per call (`W.T.contiguous()`, a rearrange that cannot be a view) becomes a view
+    of the same storage. The values are unchanged and F.linear receives the same contiguous tensor as
+    before, so every output is bit-identical (tests/test_lens_layout.py). What it saves, on the embedded
+    model in bf16 on a 2-core CPU: ~25% of a short-prompt forward to the hook (sae_probes), half of a
+    full forward with logits (core's CE: the 168M-entry unembedding was copied per call).
+    Returns how many weights were laid out."""
+    n = 0
+    for module, name in _lens_linear_weights(model):
+        param, perm = module._parameters[name], _TO_LINEAR_WEIGHT[name]
+        inverse = [perm.index(axis) for axis in range(len(perm))]
+        with torch.no_grad():
+            param.data = param.data.permute(perm).contiguous().permute(inverse)
+        n += 1
+    return n
 
 
 # ---------------------------------------------------------------- the training harvest's LM forward
