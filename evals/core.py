@@ -92,14 +92,48 @@ def variance_sums(model, saes, contexts_NT, hook, layer, special_ids, n_tokens, 
     return sums
 
 
-def _vocab_stats(logits_NV: torch.Tensor, targets_N: torch.Tensor, p_clean_NV: torch.Tensor | None):
-    """CE per position and, given p_clean, sum_v p_clean * logits and the log-partition, in few passes
-    over the (large) vocabulary axis."""
-    lg = logits_NV.float()
-    lse_N = torch.logsumexp(lg, dim=-1)
-    ce_N = lse_N - lg.gather(-1, targets_N[:, None])[:, 0]
-    dot_N = (p_clean_NV * lg).sum(-1) if p_clean_NV is not None else None
-    return lg, lse_N, ce_N, dot_N
+# Positions per pass over the vocabulary axis. A batch's logits in float32 are ~0.5 GB at a 262k vocabulary, and
+# each statistic streamed them through memory again; on a CPU 4 rows (4 MB) stay in cache for all of them (a GPU
+# takes larger chunks: fewer kernel launches). Every statistic is per row, so the chunking leaves the numbers as
+# they were.
+VOCAB_ROWS = {"cpu": 4, "other": 256}
+
+
+def vocab_rows(device) -> int:
+    return VOCAB_ROWS["cpu" if torch.device(device).type == "cpu" else "other"]
+
+
+def _row_chunks(logits_BTV: torch.Tensor, rows_N: torch.Tensor, targets_N: torch.Tensor, rows: int):
+    """(slice, float32 logits (rows, V), their log-partition, CE) for each chunk of the scored positions rows_N
+    (indices into the flattened batch x position axis), read straight from the logits without a gathered copy."""
+    flat_V = logits_BTV.reshape(-1, logits_BTV.shape[-1])
+    for i in range(0, rows_N.shape[0], rows):
+        part = slice(i, i + rows)
+        lg = flat_V.index_select(0, rows_N[part]).float()
+        lse = torch.logsumexp(lg, dim=-1)
+        yield part, lg, lse, lse - lg.gather(-1, targets_N[part, None])[:, 0]
+
+
+def clean_stats(logits_BTV, rows_N, targets_N, rows: int):
+    """The clean pass at the scored positions: (p_clean (N, V) float32, CE per position,
+    sum_v p_clean * log p_clean per position)."""
+    n, vocab = rows_N.shape[0], logits_BTV.shape[-1]
+    p_clean_NV = torch.empty(n, vocab, dtype=torch.float32, device=logits_BTV.device)
+    ce_N, self_N = torch.empty(n, device=logits_BTV.device), torch.empty(n, device=logits_BTV.device)
+    for part, lg, lse, ce in _row_chunks(logits_BTV, rows_N, targets_N, rows):
+        p = torch.sub(lg, lse[:, None], out=p_clean_NV[part]).exp_()
+        ce_N[part], self_N[part] = ce, (p * lg).sum(-1) - lse
+    return p_clean_NV, ce_N, self_N
+
+
+def patched_stats(logits_BTV, rows_N, targets_N, p_clean_NV, rows: int):
+    """A patched pass at the same positions: (CE per position, sum_v p_clean * log p_patched per position).
+    KL(p_clean || p_patched) per position = self term - this cross term."""
+    n = rows_N.shape[0]
+    ce_N, cross_N = torch.empty(n, device=logits_BTV.device), torch.empty(n, device=logits_BTV.device)
+    for part, lg, lse, ce in _row_chunks(logits_BTV, rows_N, targets_N, rows):
+        ce_N[part], cross_N[part] = ce, (p_clean_NV[part] * lg).sum(-1) - lse
+    return ce_N, cross_N
 
 
 def _scores(m: dict) -> dict:
@@ -126,11 +160,14 @@ def downstream_metrics(model, saes, contexts_NT, hook, layer, special_ids, batch
     shared = {"ce_clean": 0.0, "ce_zero": 0.0, "kl_zero": 0.0}
     n_pos = 0
     resume = hook.endswith("hook_resid_post") and layer + 1 < model.cfg.n_layers
+    rows = vocab_rows(model.cfg.device)
     for i in tqdm(range(0, contexts_NT.shape[0], batch), desc="core: CE/KL", disable=not progress):
         tokens = contexts_NT[i:i + batch].to(model.cfg.device)
         special_BT = special_mask(tokens, special_ids)
-        score_BT = ~special_BT[:, :-1] & ~special_BT[:, 1:]  # input and target both ordinary tokens
-        targets = tokens[:, 1:][score_BT]
+        score_BT = torch.zeros_like(special_BT)  # input and target both ordinary tokens; the last position has none
+        score_BT[:, :-1] = ~special_BT[:, :-1] & ~special_BT[:, 1:]
+        rows_N = score_BT.flatten().nonzero()[:, 0]  # scored positions in the flattened (batch x position) logits
+        targets = tokens[:, 1:][score_BT[:, :-1]]
         keep = ~special_BT
 
         def patched(act, replace):
@@ -146,20 +183,17 @@ def downstream_metrics(model, saes, contexts_NT, hook, layer, special_ids, batch
             forward = lambda replace: model.run_with_hooks(
                 tokens, fwd_hooks=[] if replace is None else [(hook, lambda a, hook: patched(a, replace))])
 
-        lc, lse_c, ce_c, _ = _vocab_stats(forward(None)[:, :-1][score_BT], targets, None)
-        p_clean = (lc - lse_c[:, None]).exp_()
-        self_term_N = (p_clean * lc).sum(-1) - lse_c
-        del lc
+        p_clean, ce_c, self_term_N = clean_stats(forward(None), rows_N, targets, rows)
         shared["ce_clean"] += ce_c.sum().item()
 
-        def patched_stats(fn):
-            _, lse, ce, dot = _vocab_stats(forward(fn)[:, :-1][score_BT], targets, p_clean)
-            return ce.sum().item(), (self_term_N - (dot - lse)).clamp_min(0).sum().item()
+        def patched_totals(fn):
+            ce, cross = patched_stats(forward(fn), rows_N, targets, p_clean, rows)
+            return ce.sum().item(), (self_term_N - cross).clamp_min(0).sum().item()
 
         shared["ce_zero"], shared["kl_zero"] = [a + b for a, b in zip(
-            (shared["ce_zero"], shared["kl_zero"]), patched_stats(torch.zeros_like))]
+            (shared["ce_zero"], shared["kl_zero"]), patched_totals(torch.zeros_like))]
         for sae, tot in zip(saes, totals):
-            ce, kl = patched_stats(lambda a, sae=sae: sae(a.float().to(sae.W_enc.device)).to(a.dtype).to(a.device))
+            ce, kl = patched_totals(lambda a, sae=sae: sae(a.float().to(sae.W_enc.device)).to(a.dtype).to(a.device))
             tot["ce_sae"] += ce
             tot["kl_sae"] += kl
         n_pos += targets.shape[0]

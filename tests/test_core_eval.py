@@ -107,3 +107,35 @@ def test_many_saes_at_once_equal_one_at_a_time():
     together = core_eval_many(model, saes, toks, HOOK, LAYER, SPECIAL, **kw)
     for sae, m in zip(saes, together):
         assert m == core_eval(model, sae, toks, HOOK, LAYER, SPECIAL, **kw)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 64])
+def test_vocab_statistics_in_row_chunks_equal_the_whole_tensor_formulas(rows):
+    """clean_stats / patched_stats read the scored positions' logits a few rows at a time; each number is the
+    one the formulas give on the whole gathered (N, V) tensor, and KL = self - cross is KL(p_clean || p_patched)."""
+    from evals.core import clean_stats, patched_stats
+
+    g = torch.Generator().manual_seed(5)
+    B, T, V = 3, 9, 997
+    clean_BTV = (torch.randn(B, T, V, generator=g) * 3).bfloat16()
+    patched_BTV = (clean_BTV.float() + torch.randn(B, T, V, generator=g)).bfloat16()
+    score_BT = torch.rand(B, T, generator=g) > 0.3
+    score_BT[:, -1] = False
+    rows_N = score_BT.flatten().nonzero()[:, 0]
+    targets_N = torch.randint(0, V, (rows_N.shape[0],), generator=g)
+
+    p_clean, ce_c, self_c = clean_stats(clean_BTV, rows_N, targets_N, rows)
+    ce_p, cross_p = patched_stats(patched_BTV, rows_N, targets_N, p_clean, rows)
+
+    lc, lp = clean_BTV[score_BT].float(), patched_BTV[score_BT].float()  # the whole-tensor formulas
+    lse_c, lse_p = torch.logsumexp(lc, -1), torch.logsumexp(lp, -1)
+    ref_p = (lc - lse_c[:, None]).exp_()
+    assert torch.equal(p_clean, ref_p)
+    assert torch.equal(ce_c, lse_c - lc.gather(-1, targets_N[:, None])[:, 0])
+    assert torch.equal(ce_p, lse_p - lp.gather(-1, targets_N[:, None])[:, 0])
+    assert torch.equal(self_c, (ref_p * lc).sum(-1) - lse_c)
+    assert torch.equal(cross_p, (ref_p * lp).sum(-1) - lse_p)
+    ce_ref = torch.nn.functional.cross_entropy(lp.double(), targets_N, reduction="none")
+    assert torch.allclose(ce_p.double(), ce_ref, rtol=1e-5)
+    kl_ref = (ref_p.double() * (lc.double().log_softmax(-1) - lp.double().log_softmax(-1))).sum(-1)
+    assert torch.allclose((self_c - cross_p).double(), kl_ref, atol=2e-5)
