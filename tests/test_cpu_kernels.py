@@ -276,12 +276,26 @@ def test_pair_kernel_equals_the_gram_formula(lib, request, rows, n, d, density):
     torch.testing.assert_close(half.double(), (Kw * G.sign()) @ W.double(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("B, k, n", [(64, 8, 40), (300, 5, 1000), (1, 3, 4)])
-def test_pair_table_rows_equal_the_scattered_table(lib, B, k, n):
+@pytest.fixture(scope="module")
+def lib_without_avx512(tmp_path_factory):
+    """The kernels built without AVX-512 (as on a CPU without it): the table's scalar loop over partners."""
+    try:
+        return cpu_kernels.load(tmp_path_factory.mktemp("kernel_cache_no_avx512"), extra_flags=("-mno-avx512f",))
+    except cpu_kernels.Unavailable as e:
+        pytest.skip(f"no x86 build without AVX-512 here: {e}")
+
+
+@pytest.mark.parametrize("build", ["native", "without AVX-512"])
+@pytest.mark.parametrize("B, k, n", [(64, 8, 40), (300, 5, 1000), (1, 3, 4), (50, 37, 60), (20, 32, 3000)])
+def test_pair_table_rows_equal_the_scattered_table(lib, request, build, B, k, n):
     """K_ij = sum over the occurrences of (i, j) of omega, by rows: against one index_add into the dense n x n
     table; pairs that recur over tokens sum, zero weights (absent pairs, the diagonal) give no entry, each row
     lists a partner once, and latents that never fire have empty rows; the row sums. From the activity mask instead
-    of omega, the co-firing counts C_ij; with the firing counts as well, the overlaps n_ij."""
+    of omega, the co-firing counts C_ij; with the firing counts as well, the overlaps n_ij. Token rows shorter than,
+    between and at multiples of the vector loop's sixteen lanes (k 37: two chunks and a partial one), in this CPU's
+    build and the scalar one."""
+    if build != "native":
+        lib = request.getfixturevalue("lib_without_avx512")
     g = torch.Generator().manual_seed(B)
     idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)])
     active = torch.rand(B, k, generator=g) < 0.8
@@ -311,6 +325,54 @@ def test_pair_table_rows_equal_the_scattered_table(lib, B, k, n):
     rows = torch.repeat_interleave(torch.arange(n), row_ptr.diff())
     torch.testing.assert_close(vals, overlap[rows, cols.long()], rtol=1e-6, atol=0)
     torch.testing.assert_close(sums, overlap.sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_pair_table_rows_vector_loop_gives_the_scalar_table(lib, request):
+    """The AVX-512 loop over partners (sixteen lanes: gather, compress, scatter) and the scalar loop build the same
+    table to the bit: columns in first-seen order, each sum over its occurrences in the same order, on codes whose
+    latents recur over tokens (a TopK code's co-firing) with some entries inactive."""
+    if "avx512f" not in cpu_kernels.cpu_flags().split():
+        pytest.skip("this CPU has no AVX-512: both builds run the scalar loop")
+    scalar = request.getfixturevalue("lib_without_avx512")
+    g = torch.Generator().manual_seed(3)
+    B, k, n = 512, 32, 700
+    # latents 0-13 fire in runs of four (0-3, 1-4, ...): pairs that recur over many tokens; the rest at random,
+    # distinct within a token as TopK's are
+    first = torch.randint(0, 10, (B,), generator=g)
+    idx = torch.stack([torch.cat([torch.arange(f, f + 4), 14 + torch.randperm(n - 14, generator=g)[:k - 4]])
+                       for f in first.tolist()])
+    active = torch.rand(B, k, generator=g) < 0.9
+    fires = torch.zeros(n, dtype=torch.long).index_add_(0, idx.flatten(), active.flatten().long())
+    for fires_F in (None, fires):
+        vector_table = cpu_kernels.pair_table_rows(lib, idx, active, n, fires_F)
+        scalar_table = cpu_kernels.pair_table_rows(scalar, idx, active, n, fires_F)
+        assert all(torch.equal(a, b) for a, b in zip(vector_table, scalar_table))
+
+
+@pytest.mark.parametrize("build", ["native", "without AVX-512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, F", [(64, 300), (3, 16), (5, 7), (2, 40), (1, 1)])
+def test_positive_entries_equal_torchs_nonzero(lib, request, build, dtype, B, F):
+    """ReLU's codes: the rows and columns of pre > 0 in nonzero's row-major order, with pre's values there, for rows
+    whose length is and is not a multiple of the vector loop's sixteen lanes, in this CPU's build and the scalar one;
+    0, -0, NaN, -inf and negatives are not > 0, +inf and a denormal are. More entries than max_entries: None (at
+    exactly the count: the entries)."""
+    if build != "native":
+        lib = request.getfixturevalue("lib_without_avx512")
+    g = torch.Generator().manual_seed(B * F)
+    pre = torch.randn(B * F, generator=g) - 1.5  # ~7% > 0, as ReLU's trained codes are sparse
+    specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-39, -1e-39, 2.0])
+    where = torch.randperm(B * F, generator=g)[:min(B * F, len(specials))]
+    pre[where] = specials[:len(where)]
+    pre = pre.view(B, F).to(dtype)
+    rows, cols = (pre > 0).nonzero(as_tuple=True)
+    count = rows.numel()
+    got = cpu_kernels.positive_entries(lib, pre, count)
+    assert got[2].dtype == dtype
+    assert torch.equal(got[0], rows) and torch.equal(got[1], cols) and torch.equal(got[2], pre[rows, cols])
+    assert torch.equal(cpu_kernels.positive_entries(lib, pre, B * F)[1], cols)  # room to spare: the same entries
+    if count > 0:
+        assert cpu_kernels.positive_entries(lib, pre, count - 1) is None
 
 
 @pytest.mark.parametrize("B, k, n, d", [(64, 32, 300, 640), (40, 7, 50, 19), (3, 1, 5, 8), (17, 9, 2000, 36),

@@ -92,15 +92,32 @@ def test_sparse_step_with_the_cpu_kernels_equals_dense(name, tmp_path, monkeypat
     """The CPU kernels (workbench/cpu_kernels.py) for the decoder's embedding bag and the encoder's weight gradient in
     place of torch's bag and dense @ CSR (and batchtopk's selection): the same check, for codes of fixed k (and AuxK's
     bag), batchtopk's (and matryoshka's bag into token x group rows) and jumprelu's varying counts per row, and relu's
-    active entries."""
+    active entries (selected by the kernel's positive_entries)."""
     import trainers.relu
     from workbench import cpu_kernels
     monkeypatch.setattr(trainers.relu, "SPARSE_MAX_DENSITY", dict.fromkeys(trainers.relu.SPARSE_MAX_DENSITY, 1.0))
     lib = cpu_kernels.load(tmp_path)
     calls, original = [], cpu_kernels.weighted_row_sums
     monkeypatch.setattr(cpu_kernels, "weighted_row_sums", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    selections, select = [], cpu_kernels.positive_entries
+    monkeypatch.setattr(cpu_kernels, "positive_entries", lambda *a: selections.append(select(*a)) or selections[-1])
     check_sparse_step_equals_dense(name, 6, kernels=lib)
     assert {"transposed": True} in calls and {} in calls  # the encoder's gradient and the bag's two sums ran
+    assert (len(selections) > 0) == (name == "relu") and all(found is not None for found in selections)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here: the kernels are not built")
+def test_relu_too_dense_for_the_kernels_selection_takes_the_dense_step(tmp_path, monkeypatch):
+    """With the CPU kernels, a ReLU step denser than its limit (0 here: every step) is only counted by positive_entries
+    and takes the dense products, as without them."""
+    import trainers.relu
+    from workbench import cpu_kernels
+    from workbench.sae_ops import Codes
+    monkeypatch.setattr(trainers.relu, "SPARSE_MAX_DENSITY", dict.fromkeys(trainers.relu.SPARSE_MAX_DENSITY, 0.0))
+    selections, select = [], cpu_kernels.positive_entries
+    monkeypatch.setattr(cpu_kernels, "positive_entries", lambda *a: selections.append(select(*a)) or selections[-1])
+    out_s = check_sparse_step_equals_dense("relu", 6, kernels=cpu_kernels.load(tmp_path))
+    assert not isinstance(out_s.latents, Codes) and selections and all(found is None for found in selections)
 
 
 def check_sparse_step_equals_dense(name, k_aux, kernels=None):

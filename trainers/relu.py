@@ -48,10 +48,10 @@ def relu_latents(trainer: Trainer, enc: Encoding) -> Codes | torch.Tensor:
     """f = ReLU(pre): the active entries as codes in a sparse step while they are few enough to gain, else the dense
     (B, F) latents."""
     if enc.sparse:
-        active_BF = enc.pre_BF > 0
-        max_density = sparse_max_density("bfloat16" if trainer.autocast else "float32", active_BF.shape[1])
-        if int(active_BF.count_nonzero()) <= max_density * active_BF.numel():
-            return enc.mask_codes(active_BF)
+        B, F = enc.pre_BF.shape
+        codes = enc.positive_codes(int(sparse_max_density("bfloat16" if trainer.autocast else "float32", F) * B * F))
+        if codes is not None:
+            return codes
     return trainer.sae.activate(enc.dense_pre())
 
 

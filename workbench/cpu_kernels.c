@@ -359,13 +359,44 @@ double pair_rows_abs_cosine_bf16(const int64_t *row_ptr, const int32_t *cols, co
    1 for each pair of active entries r != s, so the table holds the co-firing counts C_ij, without a B x k x k weight
    tensor; with inv_fires (1 / a_i, n) as well, 1 / min(a_i, a_j) = max(1 / a_i, 1 / a_j) instead, so it holds the
    overlaps n_ij = C_ij / min(a_i, a_j). An entry's weight as a partner (0 if it did not fire, else 1 / a_j or 1) is made
-   once per entry, not once per occurrence of its token (1.7 -> 1.25 ms on a trained quickstart SAE's codes). */
+   once per entry, not once per occurrence of its token (1.7 -> 1.25 ms on a trained quickstart SAE's codes). With
+   AVX-512 the activity path takes a token's partners sixteen at a time (partners_16: a gather of their sums, the new
+   ones compressed into seen, a scatter of the sums back; 1.20 -> 0.88 ms on those codes, the same table to the bit:
+   each sum adds its occurrences in the same order, and lanes compress in partner order, so first-seen order holds). */
 #define PREFETCH_AHEAD 4
 
 static inline void prefetch_bytes(const void *at, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64)
         __builtin_prefetch((const char *)at + b);
 }
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define PARTNER_LANES 16
+
+/* One occurrence's partners from the activity mask, sixteen lanes at a time: lane s adds max(weight_s, self) to
+   acc[j_s] where weight_s != 0 and s is not the occurrence's own entry r; a partner whose sum was 0 joins seen (in lane
+   order). A token's latents are distinct, so no two lanes of a scatter hit one sum. Returns the new length of seen. */
+static inline int64_t partners_16(const int32_t *partners, const float *weights, int64_t kp, int64_t r, float self_weight,
+                                  float *acc, int32_t *seen, int64_t m) {
+    const __m512 zero = _mm512_setzero_ps(), self = _mm512_set1_ps(self_weight);
+    for (int64_t s0 = 0; s0 < kp; s0 += PARTNER_LANES) {
+        const __m512 w = _mm512_loadu_ps(weights + s0);
+        __mmask16 live = _mm512_cmpneq_ps_mask(w, zero);
+        if (r >= s0 && r < s0 + PARTNER_LANES)
+            live &= (__mmask16)~(1u << (r - s0));
+        const __m512i j = _mm512_loadu_si512(partners + s0);
+        const __m512 before = _mm512_mask_i32gather_ps(zero, live, j, acc, 4);
+        const __mmask16 fresh = live & _mm512_cmpeq_ps_mask(before, zero);
+        _mm512_storeu_si512(seen + m, _mm512_maskz_compress_epi32(fresh, j));  /* a register compress, then one store */
+        m += __builtin_popcount(fresh);
+        _mm512_mask_i32scatter_ps(acc, live, j, _mm512_add_ps(before, _mm512_max_ps(w, self)), 4);
+    }
+    return m;
+}
+#else
+#define PARTNER_LANES 1
+#endif
 
 static void occurrences_by_latent(const int64_t *idx, int64_t entries, int64_t n, int64_t *start, int64_t *at) {
     int64_t *cursor = calloc((size_t)n + 1, sizeof(int64_t));
@@ -395,17 +426,25 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
         return -1;
     }
     /* from the activity mask: each entry's weight as a partner, made once per entry (not once per occurrence of its
-       token): 0 where it did not fire, else 1 / a of its latent (the overlaps) or 1 (the counts) */
-    float *partner_weight = omega ? NULL : malloc((size_t)(B * k) * sizeof(float));
+       token): 0 where it did not fire, else 1 / a of its latent (the overlaps) or 1 (the counts); its latent as int32.
+       Token rows padded to kp entries (weight 0) for the vector loop. */
+    const int64_t kp = (k + PARTNER_LANES - 1) / PARTNER_LANES * PARTNER_LANES;
+    float *partner_weight = omega ? NULL : malloc((size_t)(B * kp) * sizeof(float));
+    int32_t *partner_idx = omega ? NULL : malloc((size_t)(B * kp) * sizeof(int32_t));
     if (!omega) {
         #pragma omp parallel for schedule(static)
-        for (int64_t e = 0; e < B * k; e++)
-            partner_weight[e] = active[e] ? (inv_fires ? inv_fires[idx[e]] : 1.f) : 0.f;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t s = 0; s < kp; s++) {
+                const int64_t e = b * k + s;
+                partner_weight[b * kp + s] = s < k && active[e] ? (inv_fires ? inv_fires[idx[e]] : 1.f) : 0.f;
+                partner_idx[b * kp + s] = s < k ? (int32_t)idx[e] : 0;
+            }
     }
     #pragma omp parallel
     {
         float *acc = calloc((size_t)n, sizeof(float));  /* the row's sums so far; its partners listed in seen */
-        int32_t *seen = malloc(((size_t)n + 1) * sizeof(int32_t));  /* + 1: written before m is known to grow */
+        /* + PARTNER_LANES: written before m is known to grow (a whole vector of lanes in the vector loop) */
+        int32_t *seen = malloc(((size_t)n + PARTNER_LANES) * sizeof(int32_t));
         float *activity = malloc((size_t)k * sizeof(float));         /* an occurrence's weights from active */
         #pragma omp for schedule(dynamic, 16)
         for (int64_t i = 0; i < n; i++) {
@@ -417,20 +456,27 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
                 const float *weights = omega ? omega + e * k : activity;
                 if (t + PREFETCH_AHEAD < start[i + 1]) {  /* occurrences are scattered over the batch */
                     const int64_t f = at[t + PREFETCH_AHEAD];
-                    if (omega)
+                    if (omega) {
                         prefetch_bytes(omega + f * k, k * sizeof(float));
-                    else
-                        prefetch_bytes(partner_weight + (f / k) * k, k * sizeof(float));
-                    prefetch_bytes(idx + (f / k) * k, k * sizeof(int64_t));
+                        prefetch_bytes(idx + (f / k) * k, k * sizeof(int64_t));
+                    } else {
+                        prefetch_bytes(partner_weight + (f / k) * kp, kp * sizeof(float));
+                        prefetch_bytes(partner_idx + (f / k) * kp, kp * sizeof(int32_t));
+                    }
                 }
                 if (!omega) {  /* 1 / min(a_i, a_j) = max(1 / a_i, 1 / a_j) for each other entry that fired */
                     if (!active[e])
                         continue;
-                    const float *token_weight = partner_weight + (e / k) * k;
+                    const float *token_weight = partner_weight + (e / k) * kp;
+#if PARTNER_LANES > 1
+                    m = partners_16(partner_idx + (e / k) * kp, token_weight, kp, e % k, self_weight, acc, seen, m);
+                    continue;
+#else
                     for (int64_t s = 0; s < k; s++) {
                         const float w = token_weight[s];
                         activity[s] = (w != 0.f) & (s != e % k) ? (w > self_weight ? w : self_weight) : 0.f;
                     }
+#endif
                 }
                 for (int64_t s = 0; s < k; s++) {  /* branch free: whether j is new is a coin flip */
                     const float v = weights[s];
@@ -458,6 +504,7 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
         free(activity);
     }
     free(partner_weight);
+    free(partner_idx);
     row_ptr[0] = 0;
     for (int64_t i = 0; i < n; i++) {  /* down to CSR: a row's start never passes its slot's, so memmove in order */
         const int64_t m = row_ptr[i + 1];
@@ -916,3 +963,102 @@ static inline __attribute__((always_inline)) void row_topk(const void *pre, int6
 
 void row_topk_f32(const float *pre, int64_t B, int64_t F, int64_t k, int64_t *cols) { row_topk(pre, B, F, k, cols, 0); }
 void row_topk_bf16(const uint16_t *pre, int64_t B, int64_t F, int64_t k, int64_t *cols) { row_topk(pre, B, F, k, cols, 1); }
+
+/* ReLU's selection: the entries of pre (B x F, float32 or bf16) that are > 0, as (rows, cols) in row-major order (those
+   of (pre > 0).nonzero()) with their values (pre's elements), from a count pass and, where there are at most `capacity`,
+   a fill pass by rows: no B x F mask is made, and a step whose codes are too dense for the sparse step (the caller's
+   capacity) pays the count pass only. Returns the count. pre > 0 on the float bits: 0 < u <= +inf's (NaN and -0 are
+   not > 0). With AVX-512 (BW, VL, VBMI2) the fill takes sixteen entries at a time: the kept columns and values
+   compressed in registers and written by masked stores of exactly the kept lanes (a row never writes past its own
+   range, which another thread may be filling); else one by one, branch free. 2.2 -> 0.3 ms for torch's mask,
+   nonzero and gather on a ReLU quickstart SAE's bf16 pre-activations (1024 x 2048, 4.4% > 0). */
+static inline uint32_t is_positive(const void *pre, int64_t e, int bf16) {
+    uint32_t u;
+    const float v = load_as(pre, e, bf16);
+    memcpy(&u, &v, sizeof u);
+    return u - 1u < 0x7F800000u;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VBMI2__)
+#include <immintrin.h>
+#define POSITIVE_LANES 16
+/* entries i0..i0+15 of row b (at e0): the kept ones' columns and values written from o; returns how many */
+static inline __attribute__((always_inline)) int positive_16(const void *pre, int64_t e0, int64_t i0, int64_t *cols,
+                                                             void *vals, int64_t o, int bf16) {
+    __mmask16 keep;
+    if (bf16) {
+        const __m256i x = _mm256_loadu_si256((const __m256i *)((const uint16_t *)pre + e0));
+        keep = _mm256_cmplt_epu16_mask(_mm256_sub_epi16(x, _mm256_set1_epi16(1)), _mm256_set1_epi16((short)0x7F80));
+        _mm256_mask_storeu_epi16((uint16_t *)vals + o, (__mmask16)((1u << __builtin_popcount(keep)) - 1),
+                                 _mm256_maskz_compress_epi16(keep, x));
+    } else {
+        const __m512i x = _mm512_loadu_si512((const float *)pre + e0);
+        keep = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(x, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7F800000));
+        _mm512_mask_storeu_epi32((float *)vals + o, (__mmask16)((1u << __builtin_popcount(keep)) - 1),
+                                 _mm512_maskz_compress_epi32(keep, x));
+    }
+    const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    const __mmask8 low = (__mmask8)keep, high = (__mmask8)(keep >> 8);
+    const int n_low = __builtin_popcount(low), n_high = __builtin_popcount(high);
+    _mm512_mask_storeu_epi64(cols + o, (__mmask8)((1u << n_low) - 1),
+                             _mm512_maskz_compress_epi64(low, _mm512_add_epi64(iota, _mm512_set1_epi64(i0))));
+    _mm512_mask_storeu_epi64(cols + o + n_low, (__mmask8)((1u << n_high) - 1),
+                             _mm512_maskz_compress_epi64(high, _mm512_add_epi64(iota, _mm512_set1_epi64(i0 + 8))));
+    return n_low + n_high;
+}
+#else
+#define POSITIVE_LANES 1
+#endif
+
+static inline __attribute__((always_inline)) int64_t positive_entries(const void *pre, int64_t B, int64_t F,
+                                                                      int64_t capacity, int64_t *rows, int64_t *cols,
+                                                                      void *vals, int bf16) {
+    int64_t *start = malloc(((size_t)B + 1) * sizeof(int64_t));
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        int64_t count = 0;
+        for (int64_t i = 0; i < F; i++)
+            count += is_positive(pre, b * F + i, bf16);
+        start[b + 1] = count;
+    }
+    start[0] = 0;
+    for (int64_t b = 0; b < B; b++)
+        start[b + 1] += start[b];
+    const int64_t total = start[B];
+    if (total <= capacity) {
+        #pragma omp parallel for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            int64_t o = start[b], i = 0;
+            const int64_t end = start[b + 1];
+            for (int64_t r = o; r < end; r++)
+                rows[r] = b;
+#if POSITIVE_LANES > 1
+            for (; i + POSITIVE_LANES <= F && o < end; i += POSITIVE_LANES)
+                o += positive_16(pre, b * F + i, i, cols, vals, o, bf16);
+#endif
+            for (; i < F && o < end; i++) {
+                const int64_t e = b * F + i;
+                /* written at o whether or not it is kept (the next kept entry overwrites it); o < end keeps it in the
+                   row's own range */
+                cols[o] = i;
+                if (bf16)
+                    ((uint16_t *)vals)[o] = ((const uint16_t *)pre)[e];
+                else
+                    ((float *)vals)[o] = ((const float *)pre)[e];
+                o += is_positive(pre, e, bf16);
+            }
+        }
+    }
+    free(start);
+    return total;
+}
+
+int64_t positive_entries_f32(const float *pre, int64_t B, int64_t F, int64_t capacity, int64_t *rows, int64_t *cols,
+                             float *vals) {
+    return positive_entries(pre, B, F, capacity, rows, cols, vals, 0);
+}
+
+int64_t positive_entries_bf16(const uint16_t *pre, int64_t B, int64_t F, int64_t capacity, int64_t *rows, int64_t *cols,
+                              uint16_t *vals) {
+    return positive_entries(pre, B, F, capacity, rows, cols, vals, 1);
+}

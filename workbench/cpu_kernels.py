@@ -98,6 +98,10 @@ def _load(cache_dir: Path, compiler: str, extra_flags: tuple[str, ...] = ()) -> 
     lib.batch_topk_entries_bf16.restype = ctypes.c_uint32
     lib.row_topk_f32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     lib.row_topk_bf16.argtypes = lib.row_topk_f32.argtypes
+    lib.positive_entries_f32.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+    lib.positive_entries_f32.restype = ctypes.c_int64
+    lib.positive_entries_bf16.argtypes = lib.positive_entries_f32.argtypes
+    lib.positive_entries_bf16.restype = ctypes.c_int64
     return lib
 
 
@@ -295,6 +299,21 @@ def row_topk(lib: ctypes.CDLL, pre_BF: torch.Tensor, k: int) -> torch.Tensor:
     cols = torch.empty((B, k), dtype=torch.int64)
     getattr(lib, f"row_topk_{HARVEST_DTYPES[pre_BF.dtype]}")(pre_BF.data_ptr(), B, F, k, cols.data_ptr())
     return cols
+
+
+def positive_entries(lib: ctypes.CDLL, pre_BF: torch.Tensor,
+                     max_entries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(rows, cols, values) of the entries of pre > 0 (float32 or bf16, contiguous on a CPU), row-major as
+    (pre > 0).nonzero(as_tuple=True) gives them, with pre's values there; None where there are more than max_entries
+    (then only counted). ReLU's codes with no B x F mask."""
+    assert pre_BF.dtype in HARVEST_DTYPES and pre_BF.is_contiguous() and pre_BF.device.type == "cpu" and pre_BF.dim() == 2
+    B, F = pre_BF.shape
+    capacity = max(0, min(max_entries, B * F))
+    rows, cols = torch.empty(capacity, dtype=torch.int64), torch.empty(capacity, dtype=torch.int64)
+    vals = torch.empty(capacity, dtype=pre_BF.dtype)
+    count = _kernel(lib, "positive_entries", pre_BF)(pre_BF.data_ptr(), B, F, capacity, rows.data_ptr(), cols.data_ptr(),
+                                                     vals.data_ptr())
+    return None if count > capacity else (rows[:count], cols[:count], vals[:count])
 
 
 def _fused_rotary(original, lib: ctypes.CDLL):

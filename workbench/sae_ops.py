@@ -314,17 +314,19 @@ class Encoding:
     sparse: bool
     kernels: object = None
 
-    def selected_pre(self, rows_E: torch.Tensor, idx_E: torch.Tensor) -> torch.Tensor:
-        """pre at the given entries (sorted by row), differentiable in both steps."""
+    def selected_pre(self, rows_E: torch.Tensor, idx_E: torch.Tensor, pre_E: torch.Tensor | None = None) -> torch.Tensor:
+        """pre at the given entries (sorted by row), differentiable in both steps; pre_E: its values there, where the
+        selection already read them (sparse step only)."""
         if self.sparse:
-            return _SelectedPreActs.apply(self.pre_BF[rows_E, idx_E], self.sae_in_BD, self.W_enc_DF, self.b_enc_F,
-                                          rows_E, idx_E, self.kernels)
+            return _SelectedPreActs.apply(self.pre_BF[rows_E, idx_E] if pre_E is None else pre_E, self.sae_in_BD,
+                                          self.W_enc_DF, self.b_enc_F, rows_E, idx_E, self.kernels)
         return self.pre_BF[rows_E, idx_E]
 
-    def codes(self, rows_E: torch.Tensor, idx_E: torch.Tensor, per_row: int | None = None) -> Codes:
+    def codes(self, rows_E: torch.Tensor, idx_E: torch.Tensor, per_row: int | None = None,
+              pre_E: torch.Tensor | None = None) -> Codes:
         """f = ReLU(pre) kept at the given entries (sorted by row), zero elsewhere."""
-        return Codes(rows_E, idx_E, self.selected_pre(rows_E, idx_E).relu(), tuple(self.pre_BF.shape), self.sparse,
-                     per_row, self.kernels)
+        return Codes(rows_E, idx_E, self.selected_pre(rows_E, idx_E, pre_E).relu(), tuple(self.pre_BF.shape),
+                     self.sparse, per_row, self.kernels)
 
     def dense_pre(self) -> torch.Tensor:
         """pre_BF, differentiable in both steps (the sparse step's fallback for codes it would not gain on)."""
@@ -360,6 +362,18 @@ class Encoding:
         """f = ReLU(pre) where keep_BF (e.g. BatchTopK's selection)."""
         rows_E, idx_E = keep_BF.nonzero(as_tuple=True)
         return self.codes(rows_E, idx_E)
+
+    def positive_codes(self, max_entries: int) -> Codes | None:
+        """f = ReLU(pre) at the entries where pre > 0 (ReLU's codes), or None where more than max_entries are (a step
+        the sparse ops would not gain on). With the CPU kernels one count pass and one fill pass that read pre's values
+        on the way (positive_entries: 2.2 -> 0.3 ms at the quickstart's size); else torch's mask, count and nonzero."""
+        pre = self.pre_BF.detach()
+        if self.kernels is not None and _kernels_apply(pre):
+            from workbench.cpu_kernels import positive_entries
+            found = positive_entries(self.kernels, pre.contiguous(), max_entries)
+            return None if found is None else self.codes(found[0], found[1], pre_E=found[2])
+        active_BF = pre > 0
+        return self.mask_codes(active_BF) if int(active_BF.count_nonzero()) <= max_entries else None
 
 
 # ---------------------------------------------------------------- decoder constraint (TRAINERS.md)
