@@ -256,3 +256,30 @@ def test_encoder_weight_grad_both_layouts_equal_the_dense_product(by_rows):
     torch.testing.assert_close(got, x_BD.T @ G_BF)
     if by_rows:
         assert got.is_contiguous()  # no transposing copy left for autograd
+
+
+@pytest.mark.parametrize("name", ["relu", "jumprelu", "c2r", "topk"])
+def test_sparse_step_reproduces_its_own_weights(name, monkeypatch):
+    """Two runs of one config and seed on the same batches end with the same weights, to the bit. The sparse step
+    gathers per-latent values at its entries (relu's decoder norms, jumprelu's thresholds, c2r's a_i and a_j*(i)) with
+    index_select, whose backward sums a latent's entries in one order; relu's [] indexing, whose accumulating index_put
+    sums them in a different order each run on a CPU once they pass torch's parallel grain, failed this for relu (~41k
+    entries over 512 latents here; relu's codes are ~half the entries at init, a Gemma-2-size TopK batch has 65k).
+    topk: the control."""
+    import trainers.relu
+    monkeypatch.setattr(trainers.relu, "SPARSE_MAX_DENSITY", dict.fromkeys(trainers.relu.SPARSE_MAX_DENSITY, 1.0))
+    settings = {**SETTINGS[name], **({"init_l0": 64.0} if name == "jumprelu" else {} if name in NO_K else {"k": 64})}
+    cfg = tiny_run_config(warmup_steps=0, **settings)
+    B, d, n = 640, 32, 512
+    acts = torch.randn(3 * B, d, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for _ in range(2):
+        trainer = make_trainer(cfg.trainer, d_in=d, d_sae=n, total_steps=50, total_tokens=50 * B, init_acts_BD=acts,
+                               seed=0, sparse_step="on")
+        for step in range(3):
+            out = trainer.step(acts[step * B:(step + 1) * B])
+        runs.append(trainer.sae.state_dict())
+    # more entries than torch's CPU grain (32768), where its accumulating index_put goes parallel
+    assert out.latents.vals_E.numel() > 35_000
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key

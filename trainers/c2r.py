@@ -51,7 +51,9 @@ def c2r_loss(chunks: list[ChunkMax], latents: torch.Tensor | Codes) -> torch.Ten
     if distributed.ctx().data_parallel:
         sq_F = distributed.all_sum_differentiable(sq_F)
     a_F = torch.where(sq_F > 0, sq_F.clamp_min(1e-30).sqrt(), 0.0)  # sqrt's gradient at 0 would be inf
-    return sum(((a_F[c.members_K] + a_F[c.argmax_K]) * c.mu_K.clamp_min(0).pow(2)).sum() for c in chunks) / n
+    # index_select, as chunk_max_cosines: its backward is an index_add (one summation order; faster than []'s on a CPU)
+    return sum(((a_F.index_select(0, c.members_K) + a_F.index_select(0, c.argmax_K)) * c.mu_K.clamp_min(0).pow(2)).sum()
+               for c in chunks) / n
 
 
 class C2RPenalty(MaxCosinePenalty):

@@ -76,7 +76,8 @@ def window_codes(enc: Encoding, theta_F: torch.Tensor, eps: float) -> tuple[Code
     so every other entry sends no gradient in the dense step either. The window's test is the kernel's own."""
     pre_BF, theta = enc.pre_BF, theta_F.detach()
     rows_E, idx_E = ((pre_BF > theta) | (rectangle((pre_BF.float() - theta) / eps) > 0)).nonzero(as_tuple=True)
-    pre_E, theta_E = enc.selected_pre(rows_E, idx_E), theta_F[idx_E]
+    # index_select, not []: one summation order in the backward (relu_loss_parts says why)
+    pre_E, theta_E = enc.selected_pre(rows_E, idx_E), theta_F.index_select(0, idx_E)
     l_l0 = StepFn.apply(pre_E.detach(), theta_E, eps).sum() / pre_BF.shape[0]
     return Codes(rows_E, idx_E, JumpReLUFn.apply(pre_E, theta_E, eps), tuple(pre_BF.shape), True, kernels=enc.kernels), l_l0
 

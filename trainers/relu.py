@@ -62,7 +62,10 @@ def relu_loss_parts(trainer: Trainer, acts_BD: torch.Tensor, progress: float):
     norms_F = trainer.sae.W_dec.norm(dim=1)
     if isinstance(latents, Codes):
         recon_BD = trainer.decode(latents)
-        l_sparsity = (latents.vals_E * norms_F[latents.idx_E]).sum() / acts_BD.shape[0]
+        # index_select, not []: its backward (an index_add) sums a latent's entries in one order, where []'s accumulating
+        # index_put sums them in a different order each run on a CPU once they pass torch's parallel grain (a run would
+        # not reproduce its own weights; tests/test_sparse_step.py)
+        l_sparsity = (latents.vals_E * norms_F.index_select(0, latents.idx_E)).sum() / acts_BD.shape[0]
     else:
         recon_BD = trainer.sae.decode(latents)
         l_sparsity = (latents * norms_F).sum(dim=-1).mean()
