@@ -426,18 +426,19 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
         return -1;
     }
     /* from the activity mask: each entry's weight as a partner, made once per entry (not once per occurrence of its
-       token): 0 where it did not fire, else 1 / a of its latent (the overlaps) or 1 (the counts); its latent as int32.
-       Token rows padded to kp entries (weight 0) for the vector loop. */
+       token): 0 where it did not fire, else 1 / a of its latent (the overlaps) or 1 (the counts); for the vector loop
+       its latent as int32 too, token rows padded to kp entries (weight 0). */
     const int64_t kp = (k + PARTNER_LANES - 1) / PARTNER_LANES * PARTNER_LANES;
     float *partner_weight = omega ? NULL : malloc((size_t)(B * kp) * sizeof(float));
-    int32_t *partner_idx = omega ? NULL : malloc((size_t)(B * kp) * sizeof(int32_t));
+    int32_t *partner_idx = omega || PARTNER_LANES == 1 ? NULL : malloc((size_t)(B * kp) * sizeof(int32_t));
     if (!omega) {
         #pragma omp parallel for schedule(static)
         for (int64_t b = 0; b < B; b++)
             for (int64_t s = 0; s < kp; s++) {
                 const int64_t e = b * k + s;
                 partner_weight[b * kp + s] = s < k && active[e] ? (inv_fires ? inv_fires[idx[e]] : 1.f) : 0.f;
-                partner_idx[b * kp + s] = s < k ? (int32_t)idx[e] : 0;
+                if (partner_idx)
+                    partner_idx[b * kp + s] = s < k ? (int32_t)idx[e] : 0;
             }
     }
     #pragma omp parallel
@@ -456,13 +457,14 @@ int64_t pair_table_rows(const int64_t *idx, const float *omega, const uint8_t *a
                 const float *weights = omega ? omega + e * k : activity;
                 if (t + PREFETCH_AHEAD < start[i + 1]) {  /* occurrences are scattered over the batch */
                     const int64_t f = at[t + PREFETCH_AHEAD];
-                    if (omega) {
+                    if (omega)
                         prefetch_bytes(omega + f * k, k * sizeof(float));
-                        prefetch_bytes(idx + (f / k) * k, k * sizeof(int64_t));
-                    } else {
+                    else
                         prefetch_bytes(partner_weight + (f / k) * kp, kp * sizeof(float));
+                    if (partner_idx)
                         prefetch_bytes(partner_idx + (f / k) * kp, kp * sizeof(int32_t));
-                    }
+                    else
+                        prefetch_bytes(idx + (f / k) * k, k * sizeof(int64_t));
                 }
                 if (!omega) {  /* 1 / min(a_i, a_j) = max(1 / a_i, 1 / a_j) for each other entry that fired */
                     if (!active[e])
