@@ -361,7 +361,7 @@ double pair_rows_abs_cosine_bf16(const int64_t *row_ptr, const int32_t *cols, co
    overlaps n_ij = C_ij / min(a_i, a_j). An entry's weight as a partner (0 if it did not fire, else 1 / a_j or 1) is made
    once per entry, not once per occurrence of its token (1.7 -> 1.25 ms on a trained quickstart SAE's codes). With
    AVX-512 the activity path takes a token's partners sixteen at a time (partners_16: a gather of their sums, the new
-   ones compressed into seen, a scatter of the sums back; 1.20 -> 0.88 ms on those codes, the same table to the bit:
+   ones compressed into seen, a scatter of the sums back; 1.47 -> 1.10 ms on those codes, the same table to the bit:
    each sum adds its occurrences in the same order, and lanes compress in partner order, so first-seen order holds). */
 #define PREFETCH_AHEAD 4
 
@@ -972,7 +972,7 @@ void row_topk_bf16(const uint16_t *pre, int64_t B, int64_t F, int64_t k, int64_t
    capacity) pays the count pass only. Returns the count. pre > 0 on the float bits: 0 < u <= +inf's (NaN and -0 are
    not > 0). With AVX-512 (BW, VL, VBMI2) the fill takes sixteen entries at a time: the kept columns and values
    compressed in registers and written by masked stores of exactly the kept lanes (a row never writes past its own
-   range, which another thread may be filling); else one by one, branch free. 2.2 -> 0.3 ms for torch's mask,
+   range, which another thread may be filling); else one by one, branch free. 2.2 -> 0.4 ms for torch's mask,
    nonzero and gather on a ReLU quickstart SAE's bf16 pre-activations (1024 x 2048, 4.4% > 0). */
 static inline uint32_t is_positive(const void *pre, int64_t e, int bf16) {
     uint32_t u;
