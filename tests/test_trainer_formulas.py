@@ -116,6 +116,38 @@ def test_relu_loss_matches_formula_with_warmup():
     l1 = (f * sae.W_dec.norm(dim=1)).sum(1).mean()
     torch.testing.assert_close(out.loss, recon + 1.0 * l1)  # half-way through the warmup: lambda1 = 1.0
     assert l1_coeff_at(cfg.trainer, 0.0) == 0.0 and l1_coeff_at(cfg.trainer, 0.5) == 2.0
+    # and the gradients: the trainer sums the L1 term by latents first (its d/df is ||d_i|| / B broadcast)
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    got = torch.autograd.grad(out.loss, params)
+    want = torch.autograd.grad(recon + 1.0 * l1, params)
+    for g_got, g_want in zip(got, want):
+        torch.testing.assert_close(g_got, g_want)
+    assert got[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("as_codes", [False, True])
+def test_step_output_fired_and_l0_match_the_matrix(as_codes):
+    """fired_F (column maxima > 0) and l0 (codes counted, no matrix) against the (B, F) matrix's mask, with zeros,
+    negative zeros, an all-zero column and values at bf16's smallest normal."""
+    from workbench.sae_ops import Codes
+    from workbench.training import StepOutput
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(6, 9, generator=g)
+    pre[:, 4] = -1.0  # never fires
+    pre[2, 7], pre[3, 7] = -0.0, 0.0
+    pre[5, 1] = torch.finfo(torch.bfloat16).tiny
+    lat = pre.relu().to(torch.bfloat16)
+    lat[2, 7] = -0.0  # a negative zero is not > 0
+    if as_codes:  # the entries a sparse step selected: some ReLU'd to 0, so held but not firing
+        rows, cols = torch.nonzero(pre > -0.5, as_tuple=True)
+        latents = Codes(rows, cols, lat[rows, cols], tuple(lat.shape), sparse=True)
+    else:
+        latents = lat
+    out = StepOutput(torch.tensor(0.0), {}, torch.zeros(6, 2), torch.zeros(6, 2), latents)
+    assert torch.equal(out.fired_F(), (lat > 0).any(0)) and not out.fired_F()[4] and out.fired_F()[1]
+    assert out.l0().item() == pytest.approx((lat > 0).sum(1).float().mean().item(), abs=0)
+    assert 0 < out.l0().item() < 9
 
 
 def test_decoder_constraint():
