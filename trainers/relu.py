@@ -70,8 +70,9 @@ def relu_loss_parts(trainer: Trainer, acts_BD: torch.Tensor, progress: float):
         recon_BD = trainer.sae.decode(latents)
         # sum_b sum_i f_bi ||d_i|| summed by latents first: one pass over the (B, F) latents (column sums, float32) and
         # a dot, where (latents * norms_F) made a float32 (B, F) product forward and two (B, F) products backward: the
-        # quickstart's dense bf16 forward + backward 28.8 -> 26.7 ms (interleaved medians); d/df is n_i / B broadcast
-        l_sparsity = (latents.sum(dim=0, dtype=torch.float32) * norms_F).sum() / acts_BD.shape[0]  # no matmul: autocast would take it to bf16
+        # quickstart's dense bf16 forward + backward 28.8 -> 26.7 ms (interleaved medians); d/df is n_i / B broadcast.
+        # A mul and a sum, not a matmul: autocast would take a matmul to bf16
+        l_sparsity = (latents.sum(dim=0, dtype=torch.float32) * norms_F).sum() / acts_BD.shape[0]
     l_recon = reconstruction_loss(acts_BD, recon_BD)
     parts = {"recon": l_recon, "l1": l_sparsity}
     return parts, l_recon + l1_coeff_at(trainer.cfg, progress) * l_sparsity, latents, recon_BD
