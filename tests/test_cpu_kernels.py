@@ -158,30 +158,41 @@ def test_rotary_is_bit_identical_to_transformers_and_falls_back(lib):
     assert len(calls) == 8
 
 
-def test_packed_linears_equal_f_linear_to_float32_round_off():
+def test_packed_linears_equal_f_linear_to_round_off():
     """lm.pack_linears: oneDNN's kernels on weights packed once, for any input rows (2D, 3D, one row), with and without
-    a bias; as close to the float64 product as F.linear (its sums run in another order); bf16 layers untouched."""
+    a bias, float32 and bf16 layers; as close to the float64 product as F.linear (its sums may run in another order);
+    an input of another dtype than its layer's takes nn.Linear's forward; float16 layers untouched."""
     from workbench import lm
 
     g = torch.Generator().manual_seed(3)
-    stack = torch.nn.Sequential(torch.nn.Linear(640, 1024, bias=False), torch.nn.Linear(1024, 256),
-                                torch.nn.Linear(8, 8).bfloat16())
-    with torch.no_grad():
-        for layer in stack[:2]:
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) / 25)
+    pair = {dtype: torch.nn.Sequential(torch.nn.Linear(640, 1024, bias=False), torch.nn.Linear(1024, 256)).to(dtype)
+            for dtype in (torch.float32, torch.bfloat16)}
+    for layers in pair.values():
+        with torch.no_grad():
+            for layer in layers:
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) / 25)
+    stack = torch.nn.Sequential(pair[torch.float32], pair[torch.bfloat16], torch.nn.Linear(8, 8).half())
     refs = {}
-    for shape in [(2048, 640), (3, 77, 640), (1, 640)]:
-        x = torch.randn(shape, generator=g)
-        refs[shape] = x, stack[1](stack[0](x)), torch.nn.functional.linear(
-            torch.nn.functional.linear(x.double(), stack[0].weight.double()), stack[1].weight.double(), stack[1].bias.double())
-    assert lm.pack_linears(stack, rows=2048) == 2
-    for shape, (x, ref, exact) in refs.items():
-        got = stack[1](stack[0](x))
-        assert got.shape == ref.shape and got.dtype == torch.float32
+    for dtype, layers in pair.items():
+        for shape in [(2048, 640), (3, 77, 640), (1, 640)]:
+            x = torch.randn(shape, generator=g).to(dtype)
+            refs[dtype, shape] = x, layers(x), torch.nn.functional.linear(
+                torch.nn.functional.linear(x.double(), layers[0].weight.double()).to(dtype).double(),
+                layers[1].weight.double(), layers[1].bias.double())
+    assert lm.pack_linears(stack, rows=2048) == 4
+    for (dtype, shape), (x, ref, exact) in refs.items():
+        got = pair[dtype](x)
+        assert got.shape == ref.shape and got.dtype == dtype
         err_got, err_ref = ((got.double() - exact).norm() / exact.norm()).item(), ((ref.double() - exact).norm() / exact.norm()).item()
-        assert err_got < 1e-6 and err_ref < 1e-6, (err_got, err_ref)  # float32 round-off (2^-24 = 6e-8 a step)
+        if dtype == torch.float32:
+            assert err_got < 1e-6 and err_ref < 1e-6, (err_got, err_ref)  # float32 round-off (2^-24 = 6e-8 a step)
+        else:  # the output rounded to bf16 (2^-9 = 2e-3 at most), sums in float32; the hidden layer's rounding in exact
+            assert err_got < 4e-3 and err_got < 1.05 * err_ref + 1e-4, (err_got, err_ref)
+    x32 = torch.randn(2, 640, generator=g)  # a float32 input to a bf16 layer: nn.Linear's forward (and its error)
+    with pytest.raises(RuntimeError, match="dtype"):
+        pair[torch.bfloat16][0](x32)
     assert not hasattr(stack[2], "_packed_weight")
-    x16 = torch.randn(2, 8).bfloat16()
+    x16 = torch.randn(2, 8).half()
     assert torch.equal(stack[2](x16), torch.nn.functional.linear(x16, stack[2].weight, stack[2].bias))
 
 
@@ -206,15 +217,19 @@ def test_no_compiler_gives_the_reason_and_the_harvest_keeps_torchs_ops(tmp_path,
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: "flags : avx512_bf16 amx_bf16")  # AMX: SDPA in bf16 (no +eager_attention)
     monkeypatch.setenv("CC", "no-such-cc")
     with pytest.warns(UserWarning, match=r"fused CPU kernels off \(no C compiler 'no-such-cc' on PATH\)"):
-        assert lm.harvest_label(model, cpu) == "hf"
+        assert lm.harvest_label(model, cpu) == "hf+onednn_linear"
     monkeypatch.delenv("CC")
     other = dataclasses.replace(model, cache_dir=str(tmp_path / "other"))
-    assert lm.harvest_label(other, cpu) == "hf+fused_cpu_kernels"
-    assert lm.harvest_label(dataclasses.replace(other, fused_kernels=False), cpu) == "hf"
+    assert lm.harvest_label(other, cpu) == "hf+fused_cpu_kernels+onednn_linear"
+    assert lm.harvest_label(dataclasses.replace(other, onednn_linear=False), cpu) == "hf+fused_cpu_kernels"
+    assert lm.harvest_label(dataclasses.replace(other, fused_kernels=False, onednn_linear=False), cpu) == "hf"
     assert lm.harvest_label(dataclasses.replace(other, dtype="float32"), cpu) == "hf+fused_cpu_kernels+onednn_linear"
     assert lm.harvest_label(dataclasses.replace(other, dtype="float32", onednn_linear=False), cpu) == "hf+fused_cpu_kernels"
     assert lm.harvest_label(dataclasses.replace(other, dtype="float16"), cpu) == "hf"
     assert lm.harvest_label(other, torch.device("cuda")) == "hf"
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: "flags : avx2 fma")  # bf16 not native: torch's F.linear
+    assert lm.harvest_label(dataclasses.replace(other, fused_kernels=False), cpu) == "hf+eager_attention"
+    assert lm.harvest_label(dataclasses.replace(other, fused_kernels=False, dtype="float32"), cpu) == "hf+onednn_linear"
     # the trainers' pair kernel is float32: the library loads for any CPU run with the key on
     assert lm.cpu_kernels_for(dataclasses.replace(other, dtype="float32"), cpu) is not None
     assert lm.cpu_kernels_for(dataclasses.replace(other, fused_kernels=False), cpu) is None

@@ -12,8 +12,8 @@ import trainers  # noqa: F401
 from workbench import cpu_kernels
 from workbench.activations import special_mask
 from workbench.config import load_config
-from workbench.lm import (GROUPED_EAGER, HFHookForward, TLHookForward, eager_attention, harvest_label, harvest_path,
-                          load_hook_forward, load_lm, special_token_ids)
+from workbench.lm import (GROUPED_EAGER, HFHookForward, TLHookForward, bf16_native, eager_attention, harvest_label,
+                          harvest_path, load_hook_forward, load_lm, special_token_ids)
 from workbench.text import held_out_contexts
 
 pytestmark = pytest.mark.slow
@@ -76,8 +76,9 @@ def test_hf_forward_in_bfloat16_is_as_close_to_float32_as_transformer_lens(forwa
     # bf16 on a CPU: the fused kernels (7 layers x (4 residual norms, q and k norms, the MLP) = 49 modules)
     assert fwd["hf", "bfloat16"].fused_modules == (49 if shutil.which("cc") else 0)
     assert fwd["hf", "float32"].fused_modules == (49 if shutil.which("cc") else 0)  # float32 too (the test above)
-    # and in float32 oneDNN's packed linears (7 layers x q, k, v, o, gate, up, down); torch already routes bf16 there
-    assert fwd["hf", "float32"].packed_linears == 49 and fwd["hf", "bfloat16"].packed_linears == 0
+    # and oneDNN's packed linears (7 layers x q, k, v, o, gate, up, down): in float32, and in bf16 where it is native
+    assert fwd["hf", "float32"].packed_linears == 49
+    assert fwd["hf", "bfloat16"].packed_linears == (49 if bf16_native(torch.device("cpu"))[0] else 0)
     for dtype in ("float32", "bfloat16"):  # and the rotary kernel runs, on transformers' (1, T, d) position table
         with unittest.mock.patch.object(cpu_kernels, "rope", wraps=cpu_kernels.rope) as rope:
             fwd["hf", dtype](tokens_BT[:2])
